@@ -1,0 +1,273 @@
+"""Hugging Face checkpoints in and out: a folder or Hub id -> a model, and a model -> a folder.
+
+What a GPT-NeoX checkpoint on the Hub is:
+    config.json                      the NeoXConfig (config.py reads both spellings)
+    model.safetensors                all tensors, or
+    model.safetensors.index.json     {"weight_map": {tensor name: shard file}} + the shards
+    tokenizer.json                   the `tokenizers` BPE (tokenizer.py)
+
+Tensor names on disk equal our module paths (neox.py mirrors transformers' layout), with the
+exceptions spelled out in HF_NAMES and LEGACY below. Old Pythia files also carry buffers that are
+not weights (a causal-mask matrix, RoPE's inv_freq); we recompute those and skip them.
+
+Loading builds the model on the "meta" device (shapes only, no memory), then reads tensors one
+module at a time with safetensors' `safe_open` and moves each onto the real device. Peak memory
+stays near the final model's size. With int8=True each linear layer inside the blocks is
+quantized as soon as its weight is read (int8.py), so a full-precision copy of the model never
+exists: the 1-byte-per-parameter promise of LLM.int8() holds during loading too.
+
+We never unpickle: a folder holding only a PyTorch `.bin` checkpoint is refused, because loading
+one runs arbitrary code from the file.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import ConfigError, NeoXConfig
+from .neox import CausalLM, SequenceClassifier
+
+# Our parameter name -> the names it may have on disk, first is what we write.
+# transformers 5 calls the LM head `lm_head` in code but still writes `embed_out.weight`.
+HF_NAMES = {"embed_out.weight": ("embed_out.weight", "lm_head.weight")}
+# Buffers that old checkpoints saved and that are not weights: a causal mask, a mask fill value,
+# RoPE frequencies. Skipped on load.
+LEGACY = ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")
+# Linear layers inside the blocks: these go int8 when asked. Embeddings, LayerNorms and the head
+# stay in floating point, as transformers' load_in_8bit does.
+INT8_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+# Files worth fetching from the Hub: never the pickles, never the other frameworks' weights.
+HUB_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
+ARCHITECTURES = {"GPTNeoXForCausalLM": CausalLM, "GPTNeoXForSequenceClassification": SequenceClassifier}
+
+
+class CheckpointError(ValueError):
+    """A folder, Hub id or file that cannot be loaded; the message names it and says why."""
+
+
+def resolve(name_or_path: str) -> str:
+    """A local folder, or a Hub id downloaded into (or found in) the HF cache -> a local folder.
+
+    Honours HF_HUB_OFFLINE=1: then only the cache is consulted.
+    """
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if os.path.exists(name_or_path):
+        raise CheckpointError(f"{name_or_path}: is a file; expected a model folder or a Hub id")
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or not name_or_path
+    if looks_local:
+        raise CheckpointError(f"{name_or_path}: no such folder")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id=name_or_path, allow_patterns=HUB_FILES)
+    except LocalEntryNotFoundError:
+        raise CheckpointError(f"{name_or_path}: not a local folder, and not in the Hugging Face cache "
+                              f"(offline, or the Hub could not be reached)") from None
+    except HFValidationError:
+        raise CheckpointError(f"{name_or_path}: not a local folder and not a valid Hub id") from None
+    except Exception as e:  # repository not found, gated, HTTP errors: all one-line messages
+        raise CheckpointError(f"{name_or_path}: could not download from the Hub "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def weight_files(folder: str) -> list[str]:
+    """The safetensors files of a checkpoint folder, single-file or sharded."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        files = [os.path.join(folder, name) for name in sorted(set(weight_map.values()))]
+        for path in files:
+            if not os.path.isfile(path):
+                raise CheckpointError(f"{path}: listed in {index} but missing")
+        return files
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    pickles = [n for n in os.listdir(folder) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    if pickles:
+        raise CheckpointError(f"{folder}: only pickle checkpoints ({', '.join(sorted(pickles))}); minirlhf "
+                              "loads safetensors only and never unpickles (convert with safetensors first)")
+    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_config(name_or_path: str) -> NeoXConfig:
+    folder = resolve(name_or_path)
+    return NeoXConfig.from_json(os.path.join(folder, "config.json"))
+
+
+def _model_class(folder: str, kind: str | None):
+    if kind is not None:
+        classes = {"causal_lm": CausalLM, "classifier": SequenceClassifier}
+        if kind not in classes:
+            raise CheckpointError(f"kind must be one of {sorted(classes)}, got {kind!r}")
+        return classes[kind]
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        architectures = json.load(f).get("architectures") or ["GPTNeoXForCausalLM"]
+    return ARCHITECTURES.get(architectures[0], CausalLM)
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device="cpu", int8: bool = False,
+               threshold: float = 6.0, kind: str | None = None) -> nn.Module:
+    """Load a GPT-NeoX from a folder or Hub id.
+
+    kind: "causal_lm" or "classifier"; by default config.json's `architectures` decides.
+    int8: quantize the blocks' linear layers to LLM.int8() while loading (embeddings, norms and the
+    head stay in `dtype`). The returned model is in eval mode; nothing in it requires grad until
+    you add adapters or ask for it.
+    """
+    folder = resolve(name_or_path)
+    config = NeoXConfig.from_json(os.path.join(folder, "config.json"))
+    files = weight_files(folder)
+    with torch.device("meta"):
+        model = _model_class(folder, kind)(config)
+    with contextlib.ExitStack() as stack:
+        where = _open_all(files, stack)  # tensor name on disk -> open safetensors handle, file path
+        used = set()
+        tied = config.tie_word_embeddings and isinstance(model, CausalLM)
+        for module_name, module in list(model.named_modules()):
+            names = [n for n, p in module.named_parameters(recurse=False) if p.is_meta]
+            if not names or (tied and module_name == "embed_out"):  # the tied head is re-pointed below
+                continue
+            tensors = {}
+            for n in names:
+                full = f"{module_name}.{n}" if module_name else n
+                disk_name = next((k for k in HF_NAMES.get(full, (full,)) if k in where), None)
+                if disk_name is None:
+                    raise CheckpointError(f"{folder}: missing weight {full!r} "
+                                          f"(not in {', '.join(os.path.basename(f) for f in files)})")
+                tensors[n] = _read(where, disk_name, tuple(getattr(module, n).shape))
+                used.add(disk_name)
+            quantize = int8 and module_name.startswith("gpt_neox.layers.") and module_name.endswith(INT8_LINEARS)
+            if quantize:
+                _set_module(model, module_name, _int8_linear(tensors, threshold, dtype, device))
+            else:
+                for n, t in tensors.items():
+                    setattr(module, n, nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
+        if tied:
+            model.embed_out.weight = model.gpt_neox.embed_in.weight
+            used.update(HF_NAMES["embed_out.weight"])
+        unexpected = [k for k in where if k not in used and not k.endswith(LEGACY)]
+        if unexpected:
+            raise CheckpointError(f"{where[unexpected[0]][1]}: unexpected tensor {unexpected[0]!r} "
+                                  f"for {type(model).__name__} with this config.json")
+    return model.eval()
+
+
+def _open_all(files, stack) -> dict:
+    where = {}
+    for path in files:
+        try:
+            handle = stack.enter_context(safe_open(path, framework="pt"))
+            for key in handle.keys():
+                where[key] = (handle, path)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    return where
+
+
+def _read(where, key, shape) -> torch.Tensor:
+    handle, path = where[key]
+    try:
+        t = handle.get_tensor(key)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot read tensor {key!r} ({e})") from None
+    if tuple(t.shape) != shape:
+        raise CheckpointError(f"{path}: tensor {key!r} has shape {list(t.shape)}, "
+                              f"config.json implies {list(shape)}")
+    if not t.is_floating_point():
+        raise CheckpointError(f"{path}: tensor {key!r} has dtype {t.dtype}; expected floating point")
+    return t
+
+
+def _int8_linear(tensors, threshold, dtype, device):
+    from .int8 import Int8Linear
+
+    weight = tensors["weight"].to(device=device, dtype=torch.float32)  # quantize from full precision
+    bias = tensors.get("bias")
+    bias = None if bias is None else bias.to(device=device, dtype=dtype)
+    return Int8Linear.from_weight(weight, bias, threshold=threshold)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, new)
+
+
+def float_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights under their on-disk names, int8 layers dequantized, a tied head once."""
+    from .int8 import Int8Linear
+
+    state = {}
+    for module_name, module in model.named_modules():
+        if module_name.endswith(("lora_A", "lora_B")):
+            raise CheckpointError("the model still has LoRA adapters: merge them first (merge_and_unload) "
+                                  "or save them with save_adapter")
+        prefix = f"{module_name}." if module_name else ""
+        if isinstance(module, Int8Linear):
+            state[prefix + "weight"] = module.dequantize()
+            if module.bias is not None:
+                state[prefix + "bias"] = module.bias.detach()
+            continue
+        for n, p in module.named_parameters(recurse=False):
+            state[prefix + n] = p.detach()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("embed_out.weight", None)
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def save_model(model: nn.Module, folder: str, tokenizer_folder: str | None = None,
+               dtype: torch.dtype | None = None) -> None:
+    """Write config.json + model.safetensors (+ tokenizer files) so transformers loads the folder.
+
+    Written into a temporary folder beside the target, then moved into place: an interrupted save
+    never leaves a half-written checkpoint. Int8 layers are written dequantized (float), which is
+    what `from_pretrained` expects without bitsandbytes.
+    """
+    architecture = "GPTNeoXForSequenceClassification" if isinstance(model, SequenceClassifier) else "GPTNeoXForCausalLM"
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        model.config.save(os.path.join(tmp, "config.json"), architecture)
+        state = float_state_dict(model)
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        save_file({k: v.cpu() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"),
+                  metadata={"format": "pt"})
+        if tokenizer_folder is not None:
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                src = os.path.join(tokenizer_folder, name)
+                if os.path.isfile(src):
+                    shutil.copyfile(src, os.path.join(tmp, name))
+        _move_into_place(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into_place(tmp: str, folder: str) -> None:
+    """Rename a finished temp folder to `folder`; into an existing folder, replace file by file."""
+    if not os.path.exists(folder):
+        os.rename(tmp, folder)
+        return
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: exists and is not a folder")
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+
+
+__all__ = ["CheckpointError", "ConfigError", "load_model", "load_config", "save_model", "resolve",
+           "weight_files", "float_state_dict"]
