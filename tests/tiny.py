@@ -21,7 +21,7 @@ TEXT = [
 def tiny_config(**overrides):
     from transformers import GPTNeoXConfig
 
-    kwargs = dict(vocab_size=160, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    kwargs = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   intermediate_size=128, max_position_embeddings=128, rotary_pct=0.25,
                   use_parallel_residual=True, tie_word_embeddings=False, eos_token_id=0, bos_token_id=0,
                   pad_token_id=1)
@@ -48,7 +48,7 @@ def save_tokenizer(folder):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=160, special_tokens=["<|endoftext|>", "<|padding|>"],
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|padding|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(TEXT, trainer)
     os.makedirs(folder, exist_ok=True)
