@@ -1,0 +1,235 @@
+"""Microbenchmark: LLM.int8() linear (ours) vs float F.linear vs bitsandbytes, side by side.
+
+    python benchmarks/bench_int8.py                 # CPU always; GPU too when torch.cuda.is_available()
+    python benchmarks/bench_int8.py --quick         # fewer shapes and repeats
+    python benchmarks/bench_int8.py --shapes 256x1024x4096,1x1024x4096 --threads 2
+
+A shape MxKxN is x [M, K] (M tokens) times W [N, K]^T. Times are the median of several runs after
+warmup (wall clock on CPU; torch.cuda.synchronize around each run on a GPU). Activations are
+standard normal with a few planted outlier feature columns (x30, --outliers, default 4), as in real
+LLMs, so the mixed-precision decomposition is exercised, not skipped.
+
+CPU: ours = the PyTorch reference (torch backend). Its int8 GEMM is torch._int_mm when the CPU has
+AVX512-VNNI/AMX int8 (oneDNN), else an fp32 GEMM on the int8 codes (see kernels/reference.py); the
+header says which. bitsandbytes' CPU int8 always calls torch._int_mm, which without VNNI is a scalar
+loop. GPU: ours = the Triton kernels, fp16 activations, against fp16/bf16 F.linear and bitsandbytes.
+"""
+import argparse
+import logging
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from minirlhf.kernels import reference
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+# Pythia layer shapes (K = in, N = out) for hidden size h: qkv [3h, h], dense [h, h], h_to_4h [4h, h], 4h_to_h [h, 4h]
+PYTHIA_HIDDEN = {"410m": 1024, "1.4b": 2048, "6.9b": 4096, "20b": 6144}
+
+
+def pythia_layers(h):
+    return {"qkv": (h, 3 * h), "dense": (h, h), "h_to_4h": (h, 4 * h), "4h_to_h": (4 * h, h)}
+
+
+def try_import_bnb():
+    try:
+        import bitsandbytes as bnb
+
+        return bnb
+    except Exception:  # not installed, or no backend for this machine
+        return None
+
+
+def median_ms(fn, sync=lambda: None, warmup=2, repeats=10, budget_s=3.0):
+    """Median wall time of fn() in ms: `warmup` untimed calls, then up to `repeats` timed calls,
+    stopping early (after at least 3) once `budget_s` seconds are spent, so slow paths stay bounded."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeats and (len(times) < 3 or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def activations(M, K, n_outliers, dtype, device):
+    x = torch.randn(M, K, device=device)
+    x[:, torch.randperm(K)[:n_outliers]] *= 30.0
+    return x.to(dtype)
+
+
+def bnb_layer(bnb, w, bias, device):
+    """bitsandbytes Linear8bitLt holding w (quantized on .to(device)), eval mode = its LLM.int8() path."""
+    N, K = w.shape
+    m = bnb.nn.Linear8bitLt(K, N, bias=True, has_fp16_weights=False, threshold=6.0)
+    m.load_state_dict({"weight": w.half().float().cpu(), "bias": bias.float().cpu()})
+    m = m.to(device).eval()
+    assert m.weight.dtype == torch.int8
+    return m
+
+
+def fmt(v, digits=2):
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def parse_shapes(text):
+    shapes = []
+    for item in text.split(","):
+        M, K, N = (int(v) for v in item.lower().split("x"))
+        shapes.append((M, K, N))
+    return shapes
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU
+# ---------------------------------------------------------------------------------------------
+
+
+def cpu_default_shapes(quick):
+    main = (256, 1024, 4096)
+    if quick:
+        return [main, (1, 1024, 4096)]
+    return [
+        main,
+        (256, 1024, 3072),  # 410m qkv
+        (256, 4096, 1024),  # 410m 4h_to_h
+        (256, 2048, 8192),  # 1.4b h_to_4h
+        (1, 1024, 4096),
+        (16, 1024, 4096),
+        (64, 1024, 4096),
+    ]
+
+
+def bench_cpu(shapes, n_outliers, quick, bnb):
+    if reference.CPU_FAST_INT_MM:
+        gemm = "torch._int_mm (oneDNN int8)"
+    else:
+        gemm = "fp32 GEMM on int8 codes (no AVX512-VNNI/AMX)"
+    print(f"## CPU: {torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"our int8 GEMM = {gemm}, {n_outliers} planted outlier columns\n")
+    print("| M x K -> N | fp32 F.linear ms | bf16 F.linear ms | ours int8 ms | bnb int8 ms "
+          "| ours speedup vs fp32 | ours speedup vs bnb |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    repeats = 5 if quick else 10
+    layers = {}
+    for M, K, N in shapes:
+        w, b = torch.randn(N, K) * 0.02, torch.randn(N) * 0.02
+        x = activations(M, K, n_outliers, torch.float32, "cpu")
+        w_int8, w_scale = reference.quantize_weight(w)
+        wb, xb = w.bfloat16(), x.bfloat16()
+        t_fp32 = median_ms(lambda: F.linear(x, w, b), repeats=repeats)
+        t_bf16 = median_ms(lambda: F.linear(xb, wb, b.bfloat16()), repeats=repeats)
+        t_ours = median_ms(lambda: reference.int8_linear(x, w_int8, w_scale, b, 6.0), repeats=repeats)
+        t_bnb = None
+        if bnb is not None:
+            if (K, N) not in layers:
+                layers[(K, N)] = bnb_layer(bnb, w, b, "cpu")
+            layer = layers[(K, N)]
+            with torch.no_grad():
+                t_bnb = median_ms(lambda: layer(x), warmup=1, repeats=repeats)
+        vs_bnb = None if t_bnb is None else t_bnb / t_ours
+        print(f"| {M} x {K} -> {N} | {t_fp32:.2f} | {t_bf16:.2f} | {t_ours:.2f} | {fmt(t_bnb)} | "
+              f"{t_fp32 / t_ours:.2f}x | {fmt(vs_bnb)}{'x' if vs_bnb else ''} |")
+    print()
+
+
+def bench_cpu_breakdown(M, K, N, n_outliers):
+    """Where our CPU time goes at one shape: quantize activations / int8 GEMM / dequantize."""
+    x = activations(M, K, n_outliers, torch.float32, "cpu")
+    w_int8, w_scale = reference.quantize_weight(torch.randn(N, K))
+    b = torch.randn(N)
+    x_int8, row_scale, cols = reference.quantize_rows(x, 6.0)
+    acc = reference.int8_matmul(x_int8, w_int8)
+    t_quant = median_ms(lambda: reference.quantize_rows(x, 6.0))
+    t_gemm = median_ms(lambda: reference.int8_matmul(x_int8, w_int8))
+    t_all = median_ms(lambda: reference.int8_linear(x, w_int8, w_scale, b, 6.0))
+    print(f"Breakdown of ours at {M} x {K} -> {N}: quantize {t_quant:.2f} ms, int8 GEMM {t_gemm:.2f} ms, "
+          f"dequant + bias + {cols.numel()} outlier columns {t_all - t_quant - t_gemm:.2f} ms, total {t_all:.2f} ms "
+          f"(acc {tuple(acc.shape)} {acc.dtype})\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_gpu(n_outliers, quick, bnb, shapes=None):
+    from minirlhf.kernels.int8_matmul import triton_int8_linear
+
+    dev = "cuda"
+    sync = torch.cuda.synchronize
+    if shapes is None:
+        models = ["410m", "6.9b"] if quick else list(PYTHIA_HIDDEN)
+        tokens = [1, 256, 4096] if quick else [1, 16, 128, 512, 2048, 4096]
+        shapes = []
+        for model in models:
+            for name, (K, N) in pythia_layers(PYTHIA_HIDDEN[model]).items():
+                shapes += [(M, K, N, f"{model} {name}") for M in tokens]
+    else:
+        shapes = [(M, K, N, "") for M, K, N in shapes]
+    print(f"## GPU: {torch.cuda.get_device_name()}, fp16 activations, {n_outliers} planted outlier columns\n")
+    print("| layer | M x K -> N | fp16 F.linear ms (TFLOP/s) | bf16 F.linear ms (TFLOP/s) "
+          "| ours Triton int8 ms (TFLOP/s) | bnb int8 ms | ours speedup vs fp16 | ours speedup vs bnb |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    repeats = 10 if quick else 30
+    for M, K, N, label in shapes:
+        w, b = torch.randn(N, K, device=dev) * 0.02, torch.randn(N, device=dev) * 0.02
+        x = activations(M, K, n_outliers, torch.float16, dev)
+        w16, b16 = w.half(), b.half()
+        wb, xb, bb = w.bfloat16(), x.bfloat16(), b.bfloat16()
+        w_int8, w_scale = reference.quantize_weight(w)
+        flops = 2 * M * N * K
+
+        def tf(ms):
+            return f"{ms:.3f} ({flops / ms / 1e9:.1f})"
+
+        t16 = median_ms(lambda: F.linear(x, w16, b16), sync, repeats=repeats)
+        tb16 = median_ms(lambda: F.linear(xb, wb, bb), sync, repeats=repeats)
+        t_ours = median_ms(lambda: triton_int8_linear(x, w_int8, w_scale, b16, 6.0), sync, warmup=3, repeats=repeats)
+        t_bnb = None
+        if bnb is not None:
+            layer = bnb_layer(bnb, w, b, dev)
+            with torch.no_grad():
+                t_bnb = median_ms(lambda: layer(x), sync, repeats=repeats)
+        vs_bnb = None if t_bnb is None else t_bnb / t_ours
+        print(f"| {label} | {M} x {K} -> {N} | {tf(t16)} | {tf(tb16)} | {tf(t_ours)} | {fmt(t_bnb, 3)} | "
+              f"{t16 / t_ours:.2f}x | {fmt(vs_bnb)}{'x' if vs_bnb else ''} |")
+    print()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    parser.add_argument("--shapes", type=str, default=None,
+                        help="comma-separated MxKxN list, e.g. 256x1024x4096,1x1024x4096")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the CPU runs")
+    parser.add_argument("--outliers", type=int, default=4, help="planted outlier feature columns (x30)")
+    parser.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes")
+    parser.add_argument("--cpu-only", action="store_true", help="skip the GPU section")
+    args = parser.parse_args()
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: the benchmark times compiled kernels, not the interpreter")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    bnb = None if args.no_bnb else try_import_bnb()
+    shapes = parse_shapes(args.shapes) if args.shapes else None
+
+    print(f"torch {torch.__version__}, bitsandbytes {getattr(bnb, '__version__', 'not used')}\n")
+    bench_cpu(shapes or cpu_default_shapes(args.quick), args.outliers, args.quick, bnb)
+    bench_cpu_breakdown(256, 1024, 4096, args.outliers)
+    if torch.cuda.is_available() and not args.cpu_only:
+        bench_gpu(args.outliers, args.quick, bnb, shapes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Int8Linear: a frozen nn.Linear stored and multiplied in int8 with LLM.int8() (arXiv:2208.07339).
+
+The module holds
+    weight        int8 [out, in]   nn.Parameter(requires_grad=False): 1 byte per parameter
+    weight_scale  fp32 [out]       buffer: absmax of each weight row (W ~= weight * scale / 127)
+    bias          float [out]      nn.Parameter(requires_grad=False), or None
+and computes y = LLM.int8()(x, W) + b (see minirlhf/kernels/reference.py for the math).
+
+It is frozen: this is the base model under LoRA. Gradients flow to the *input* only,
+dL/dx = dL/dy @ W_dequantized [out, in], so adapters in earlier layers keep training; weight and
+bias never get a gradient.
+
+Behaviour worth knowing
+  * Same int8 path in train() and eval(). (bitsandbytes on CPU silently switches to
+    dequantize-then-float-matmul in train mode; we don't, so what you train is what you run.)
+  * Backend: Triton kernels for CUDA tensors, the PyTorch reference for CPU tensors.
+    MINIRLHF_INT8_BACKEND=triton|torch forces one (read on every call). With TRITON_INTERPRET=1
+    the Triton kernels also run on CPU tensors (slowly; that is how the tests check them).
+  * .to(torch.bfloat16) / .half() cast the bias like any float parameter, leave the int8 weight
+    alone (not a float), and keep weight_scale in fp32: _apply restores it, because a bf16
+    scale would put a 0.4% error on every output.
+  * NaN in an input row makes that output row NaN; +-inf is an outlier column (threshold > 0) and
+    makes that output row non-finite. Other rows are unaffected.
+  * load_state_dict refuses a float "weight" (it would be truncated to int8 silently): quantize
+    float checkpoints with Int8Linear.from_weight / from_linear.
+"""
+import os
+
+import torch
+import torch.nn as nn
+
+from minirlhf.kernels import reference
+
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _linear_forward(x, weight, weight_scale, bias, threshold):
+    """Pick the backend for this call: env override, else Triton on CUDA and torch on CPU."""
+    backend = os.environ.get("MINIRLHF_INT8_BACKEND", "").strip().lower()
+    if backend not in ("", "triton", "torch"):
+        raise ValueError(f"MINIRLHF_INT8_BACKEND must be 'triton' or 'torch', got {backend!r}")
+    if backend == "triton" or (backend == "" and x.is_cuda):
+        from minirlhf.kernels.int8_matmul import triton_int8_linear  # triton is imported only when used
+
+        return triton_int8_linear(x, weight, weight_scale, bias, threshold)
+    return reference.int8_linear(x, weight, weight_scale, bias, threshold)
+
+
+class Int8LinearFunction(torch.autograd.Function):
+    """y = int8_linear(x, W8, s_w, b); dL/dx = dL/dy @ dequantize(W8, s_w); no grad for W8, s_w, b."""
+
+    @staticmethod
+    def forward(ctx, x, weight, weight_scale, bias, threshold):
+        ctx.save_for_backward(weight, weight_scale)
+        return _linear_forward(x, weight, weight_scale, bias, threshold)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, weight_scale = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # fp32 on CPU (fp16 matmuls there are ~500x slower), the gradient's own dtype on a GPU
+            dtype = torch.float32 if grad_out.device.type == "cpu" else grad_out.dtype
+            w = reference.dequantize_weight(weight, weight_scale).to(dtype)  # [out, in]
+            grad_x = (grad_out.to(dtype) @ w).to(grad_out.dtype)  # [..., out] @ [out, in] -> [..., in]
+        return grad_x, None, None, None, None
+
+
+class Int8Linear(nn.Module):
+    """Frozen LLM.int8() linear layer: x [..., in_features] -> [..., out_features], same dtype as x."""
+
+    def __init__(self, in_features, out_features, bias=True, threshold=6.0, device=None, dtype=torch.float32):
+        super().__init__()
+        if threshold < 0:
+            raise ValueError(f"threshold must be >= 0 (0 turns the outlier decomposition off), got {threshold}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.threshold = float(threshold)
+        # zeros until loaded: build real layers with from_linear / from_weight or load_state_dict
+        w = torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        self.weight = nn.Parameter(w, requires_grad=False)
+        self.register_buffer("weight_scale", torch.zeros(out_features, dtype=torch.float32, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, threshold: float = 6.0):
+        """Quantize a float weight [out, in] (and keep an optional bias [out]) into a new Int8Linear."""
+        w_int8, w_scale = reference.quantize_weight(weight.detach())
+        out_features, in_features = weight.shape
+        bias_dtype = bias.dtype if bias is not None else torch.float32
+        module = cls(in_features, out_features, bias=bias is not None, threshold=threshold,
+                     device=weight.device, dtype=bias_dtype)
+        module.weight.data.copy_(w_int8)
+        module.weight_scale.copy_(w_scale)
+        if bias is not None:
+            if bias.shape != (out_features,):
+                raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+            module.bias.data.copy_(bias.detach())
+        return module
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, threshold: float = 6.0):
+        """Quantize an nn.Linear (its weight and bias) into a new Int8Linear."""
+        return cls.from_weight(linear.weight, linear.bias, threshold=threshold)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight this layer represents: fp32 [out, in] = weight * weight_scale / 127."""
+        return reference.dequantize_weight(self.weight, self.weight_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() not in (2, 3):
+            raise ValueError(
+                f"Int8Linear expects x of shape [tokens, {self.in_features}] or [batch, seq, {self.in_features}], "
+                f"got {tuple(x.shape)}"
+            )
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"Int8Linear expects {self.in_features} input features, got x of shape {tuple(x.shape)}")
+        if x.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"Int8Linear expects a float32, bfloat16 or float16 input, got {x.dtype}")
+        return Int8LinearFunction.apply(x, self.weight, self.weight_scale, self.bias, self.threshold)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) / .half() / .bfloat16() cast every float buffer; keep the scales fp32.
+        scale = self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight_scale.dtype != torch.float32:
+            self.weight_scale = scale.to(device=self.weight_scale.device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        w = state_dict.get(prefix + "weight")
+        if w is not None and w.is_floating_point():
+            raise TypeError(
+                f"{prefix}weight is {w.dtype}, but Int8Linear stores int8: quantize float weights with "
+                "Int8Linear.from_weight / from_linear instead of load_state_dict"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, threshold={self.threshold}")
+
+
+def memory_report(model: nn.Module) -> dict:
+    """Bytes held by a model, split by what they are (each tensor counted once, even if shared).
+
+    int8_weights            int8 parameters (Int8Linear.weight)
+    int8_scales             Int8Linear.weight_scale buffers
+    float_params_trainable  other parameters with requires_grad (e.g. LoRA adapters)
+    float_params_frozen     other parameters without it (embeddings, norms, biases, ...)
+    float_params            the two above together
+    other_buffers           every other buffer
+    total                   everything
+    int8_params             number of int8 parameters (so bytes per int8 parameter = 1)
+    """
+    scale_ids = {id(m.weight_scale) for m in model.modules() if isinstance(m, Int8Linear)}
+    report = dict(int8_weights=0, int8_scales=0, float_params_trainable=0, float_params_frozen=0, other_buffers=0)
+    int8_params = 0
+    for p in model.parameters():  # parameters() already skips shared (tied) parameters
+        nbytes = p.numel() * p.element_size()
+        if p.dtype == torch.int8:
+            report["int8_weights"] += nbytes
+            int8_params += p.numel()
+        elif p.requires_grad:
+            report["float_params_trainable"] += nbytes
+        else:
+            report["float_params_frozen"] += nbytes
+    for b in model.buffers():  # also deduplicated
+        nbytes = b.numel() * b.element_size()
+        report["int8_scales" if id(b) in scale_ids else "other_buffers"] += nbytes
+    report["float_params"] = report["float_params_trainable"] + report["float_params_frozen"]
+    report["total"] = (report["int8_weights"] + report["int8_scales"] + report["float_params"]
+                       + report["other_buffers"])
+    report["int8_params"] = int8_params
+    return report
+
+
+def format_memory_report(report: dict) -> str:
+    """A small fixed-width table of memory_report(model)."""
+    rows = ["int8_weights", "int8_scales", "float_params_trainable", "float_params_frozen", "other_buffers", "total"]
+    total = max(report["total"], 1)
+    lines = [f"{'component':<24}{'bytes':>16}{'MiB':>11}{'share':>8}"]
+    for name in rows:
+        nbytes = report[name]
+        lines.append(f"{name:<24}{nbytes:>16,}{nbytes / 2**20:>11.2f}{100 * nbytes / total:>7.1f}%")
+    lines.append(f"{'int8 parameters':<24}{report['int8_params']:>16,}")
+    return "\n".join(lines)
+
+
+__all__ = ["Int8Linear", "Int8LinearFunction", "memory_report", "format_memory_report"]

@@ -1,0 +1,248 @@
+"""The RLHF loop: one PPO step as data, and checkpoints that resume exactly.
+
+One model does three jobs (Hu et al.'s LoRA on a frozen, int8 base; TRL's PPO loop):
+
+    policy     = base + LoRA adapters          (trained)
+    reference  = base, adapters switched off   (frozen: the model before RL, for the KL penalty)
+    value      = ValueHead on the policy's last hidden states   (trained)
+
+One step, with B prompts, P = padded prompt length, N = longest response:
+
+    prompts --tokenizer, left pad--> ids [B, P], mask [B, P]
+      --generate (adapters on, KV cache, per-row lengths)--> response tokens [B, N], response mask [B, N]
+      --decode--> reward_fn(prompts, responses) --> scores [B]
+    seq = ids + response [B, P+N]; the logits at positions P-1 .. P+N-2 predict the N response tokens
+      --forward, adapters on--> logprobs [B, N], values [B, N]
+      --forward, adapters off--> ref_logprobs [B, N]                    (no second model in memory)
+    rewards [B, N] = -beta * KL(logprobs, ref_logprobs), + score at each row's last response token
+    GAE(gamma, lam) --> advantages (whitened) [B, N], returns [B, N]
+    for each PPO epoch, for each shuffled minibatch:
+        forward (adapters on) -> clipped policy loss + vf_coef * clipped value loss
+        -> backward into LoRA A/B and the value head only -> clip grads -> AdamW
+    beta <- adaptive KL controller(mean KL per sequence)
+
+Everything random draws from generators this file owns (prompt choice, response lengths,
+sampling, minibatch order, dropout), and checkpoints save their states: a resumed run
+continues with the same numbers as one that never stopped.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .generate import generate
+from .lora import disable_adapters, load_adapter, save_adapter
+from .ppo import (AdaptiveKLController, FixedKLController, LengthSampler, ValueHead, compute_advantages,
+                  compute_rewards, entropy_from_logits, logprobs_from_logits, ppo_loss, step_stats)
+
+
+@dataclass
+class Rollout:
+    """What one step's sampling and scoring produced. B rows; P prompt columns; N response columns."""
+    prompts: list[str]
+    responses: list[str]
+    query_ids: torch.Tensor  # [B, P] left-padded
+    query_mask: torch.Tensor  # [B, P]
+    response_ids: torch.Tensor  # [B, N] right-padded
+    response_mask: torch.Tensor  # [B, N]
+    scores: torch.Tensor  # [B] from the reward function
+    logprobs: torch.Tensor  # [B, N] policy log pi(token), adapters on
+    ref_logprobs: torch.Tensor  # [B, N] adapters off
+    values: torch.Tensor  # [B, N] value head
+    logits: torch.Tensor | None = None  # [B, N, V] log-softmaxed, kept only for the "full" KL estimator
+    ref_logits: torch.Tensor | None = None
+
+    @property
+    def seq(self):
+        return torch.cat([self.query_ids, self.response_ids], 1)
+
+    @property
+    def seq_mask(self):
+        return torch.cat([self.query_mask, self.response_mask], 1)
+
+
+class PPOTrainer:
+    """Owns the policy (model with adapters), value head, optimizer, KL controller and RNG state.
+
+    cfg is any object with TrainConfig's PPO fields (train.py's TrainConfig).
+    """
+
+    def __init__(self, model, tokenizer, reward_fn, cfg, device="cpu"):
+        self.model, self.tokenizer, self.reward_fn, self.cfg, self.device = model, tokenizer, reward_fn, cfg, device
+        self.value_head = ValueHead(model.config.hidden_size).to(device)
+        params = [p for p in model.parameters() if p.requires_grad] + list(self.value_head.parameters())
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.horizon) if cfg.adaptive_kl
+                       else FixedKLController(cfg.init_kl_coef))
+        self.lengths = LengthSampler(cfg.min_new_tokens, cfg.max_new_tokens + 1, seed=cfg.seed)
+        self.gen = torch.Generator(device=device).manual_seed(cfg.seed)  # sampling, prompts, minibatch order
+        self.step_count = 0
+
+    # ---------------------------------------------------------------- rollout
+    def forward_pass(self, seq, seq_mask, P, N, full_logits=False):
+        """seq [b, P+N] -> logprobs [b, N], values [b, N], and log-softmaxed logits [b, N, V] if asked.
+
+        Only the N positions that predict response tokens get logits: the LM head is the
+        biggest matmul of a small model, and the prompt's logits are never used.
+        """
+        out = self.model(seq, seq_mask, logits_positions=slice(P - 1, P + N - 1))
+        logits = out.logits.float() / self.cfg.temperature  # same temperature as sampling
+        logprobs = logprobs_from_logits(logits, seq[:, P:])
+        values = self.value_head(out.hidden_states[:, P - 1:P + N - 1])
+        return logprobs, values, (logits.log_softmax(-1) if full_logits else logits)
+
+    @torch.no_grad()
+    def score_pass(self, seq, seq_mask, P, N):
+        """Policy and reference passes over the whole batch, in minibatch-sized chunks (the same
+        shapes the update will use, so at step 0 the update's ratio is exactly 1)."""
+        full = self.cfg.kl_estimator == "full"
+        lp, rlp, vals, lg, rlg = [], [], [], [], []
+        for rows in torch.arange(seq.shape[0]).split(self.cfg.mini_batch_size):
+            logprobs, values, logits = self.forward_pass(seq[rows], seq_mask[rows], P, N, full)
+            with disable_adapters(self.model):
+                ref_logprobs, _, ref_logits = self.forward_pass(seq[rows], seq_mask[rows], P, N, full)
+            lp.append(logprobs), rlp.append(ref_logprobs), vals.append(values)
+            if full:
+                lg.append(logits), rlg.append(ref_logits)
+        cat = torch.cat
+        return cat(lp), cat(rlp), cat(vals), (cat(lg) if full else None), (cat(rlg) if full else None)
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[str]) -> Rollout:
+        cfg = self.cfg
+        self.model.eval()
+        ids, mask = self.tokenizer.encode_batch(prompts, max_length=cfg.max_prompt_tokens)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        limits = torch.tensor([self.lengths() for _ in prompts], device=self.device)
+        tokens, resp_mask = generate(self.model, ids, mask, limits, min_new_tokens=cfg.min_new_tokens,
+                                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                     eos_token_id=self.tokenizer.eos_id, pad_token_id=self.tokenizer.pad_id,
+                                     generator=self.gen)
+        responses = self.tokenizer.decode_batch(tokens.cpu(), resp_mask.cpu())
+        scores = self.reward_fn(prompts, responses).to(self.device)
+        P, N = ids.shape[1], tokens.shape[1]
+        seq, seq_mask = torch.cat([ids, tokens], 1), torch.cat([mask, resp_mask], 1)
+        logprobs, ref_logprobs, values, logits, ref_logits = self.score_pass(seq, seq_mask, P, N)
+        return Rollout(prompts, responses, ids, mask, tokens, resp_mask, scores, logprobs, ref_logprobs, values,
+                       logits, ref_logits)
+
+    # ---------------------------------------------------------------- update
+    def update(self, r: Rollout, old_values, advantages, returns) -> list[dict]:
+        cfg = self.cfg
+        seq, seq_mask, mask = r.seq, r.seq_mask, r.response_mask.float()
+        P, N = r.query_ids.shape[1], r.response_ids.shape[1]
+        self.model.train()  # only LoRA dropout (if any) and the model's own dropout change with this
+        all_stats = []
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(seq.shape[0], generator=self.gen, device=self.device)
+            for rows in order.split(cfg.mini_batch_size):
+                logprobs, vpreds, logits = self.forward_pass(seq[rows], seq_mask[rows], P, N)
+                with torch.no_grad():
+                    entropy = entropy_from_logits(logits)
+                pg_loss, vf_loss, stats = ppo_loss(
+                    r.logprobs[rows], old_values[rows], logprobs, vpreds, entropy, mask[rows], advantages[rows],
+                    returns[rows], cfg.cliprange, cfg.cliprange_value, cfg.vf_coef, cfg.ratio_threshold)
+                (pg_loss + vf_loss).backward()
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                all_stats.append(stats)
+            # trl's early stop, checked once per epoch on its last minibatch: the policy moved too far
+            # from the one that sampled the data
+            if cfg.early_stop_kl and all_stats[-1]["policy/policykl"] > 1.5 * cfg.early_stop_kl:
+                break
+        self.model.eval()
+        return all_stats
+
+    def step(self, prompts: list[str]) -> tuple[dict, Rollout]:
+        """One PPO step on these prompts. Returns (stats under trl's names, the rollout)."""
+        cfg, t0 = self.cfg, time.time()
+        r = self.rollout(prompts)
+        t1 = time.time()
+        kl_coef = self.kl_ctl.value
+        mask = r.response_mask.float()
+        logprobs, ref = (r.logits, r.ref_logits) if cfg.kl_estimator == "full" else (r.logprobs, r.ref_logprobs)
+        rewards, non_score, kls = compute_rewards(r.scores, logprobs, ref, mask, kl_coef, cfg.kl_estimator)
+        values, advantages, returns = compute_advantages(r.values, rewards, mask, cfg.gamma, cfg.lam)
+        t2 = time.time()
+        train_stats = self.update(r, values, advantages, returns)
+        t3 = time.time()
+        timing = {"time/ppo/rollout": t1 - t0, "time/ppo/compute_advantages": t2 - t1,
+                  "time/ppo/optimize_step": t3 - t2, "time/ppo/total": t3 - t0}
+        stats = step_stats(r.scores, r.logprobs, non_score, kls, mask, kl_coef, train_stats,
+                           query_lengths=r.query_mask.sum(1).tolist(),
+                           response_lengths=r.response_mask.sum(1).tolist(), timing=timing)
+        self.kl_ctl.update(stats["objective/kl"], len(prompts))
+        self.step_count += 1
+        return stats, r
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, folder: str, meta: dict) -> None:
+        """Adapter + value head + optimizer + KL controller + RNG states + step, written into a
+        temp folder and renamed into place: a crash or Ctrl-C never leaves half a checkpoint."""
+        parent = os.path.dirname(os.path.abspath(folder))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=parent)
+        try:
+            save_adapter(self.model, os.path.join(tmp, "adapter"), base_model_name_or_path=meta.get("model"))
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
+                      os.path.join(tmp, "value_head.safetensors"))
+            tensors, opt_meta = _flatten_optimizer(self.optimizer.state_dict())
+            tensors["rng.trainer"] = self.gen.get_state()
+            tensors["rng.lengths"] = self.lengths.generator.get_state()
+            tensors["rng.torch"] = torch.get_rng_state()
+            save_file(tensors, os.path.join(tmp, "state.safetensors"))
+            state = {"step": self.step_count, "kl_ctl": self.kl_ctl.state_dict(), "optimizer": opt_meta, **meta}
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump(state, f, indent=2)
+            if os.path.exists(folder):
+                shutil.rmtree(folder)
+            os.rename(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def load_checkpoint(self, folder: str) -> dict:
+        with open(os.path.join(folder, "trainer_state.json")) as f:
+            state = json.load(f)
+        load_adapter(self.model, os.path.join(folder, "adapter"))
+        self.value_head.load_state_dict(load_file(os.path.join(folder, "value_head.safetensors"), device=str(self.device)))
+        tensors = load_file(os.path.join(folder, "state.safetensors"))
+        self.optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+        self.gen.set_state(tensors["rng.trainer"])
+        self.lengths.generator.set_state(tensors["rng.lengths"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.step_count = state["step"]
+        return state
+
+
+def _flatten_optimizer(sd: dict) -> tuple[dict, dict]:
+    """An optimizer state_dict -> (tensors for safetensors, the rest as JSON). No pickle."""
+    tensors, scalars = {}, {}
+    for idx, slots in sd["state"].items():
+        for name, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}

@@ -1,0 +1,289 @@
+"""LLM.int8() kernels: the PyTorch reference against hand-computed values, an independent float64
+implementation and bitsandbytes' functional ops; the Triton kernels (interpreter) against the reference.
+
+bitsandbytes casts activations and weights to fp16 before quantizing, so the bit-exact comparisons
+feed it fp16-representable values (x.half().float()); our quantization runs in fp32 and agrees with it
+exactly on such inputs.
+"""
+import pytest
+import torch
+
+from minirlhf.kernels import reference as R
+from minirlhf.kernels.int8_matmul import triton_int8_linear, triton_quantize_rows
+
+import bitsandbytes as bnb  # the oracle: bitsandbytes==0.50.2 from the [test] extra
+
+
+def rel_err(a, b):
+    """||a - b|| / ||b|| in fp32."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def planted(M, K, n_out, scale=30.0, dtype=torch.float32):
+    """Standard normal activations with n_out feature columns multiplied by `scale`."""
+    x = torch.randn(M, K)
+    cols = torch.randperm(K)[:n_out]
+    x[:, cols] *= scale
+    return x.to(dtype), cols.sort().values
+
+
+# ---------------------------------------------------------------------------------------------
+# reference: hand-computed values
+# ---------------------------------------------------------------------------------------------
+
+
+def test_quantize_weight_by_hand():
+    w = torch.tensor([[1.0, -0.5, 0.25], [0.0, 0.0, 0.0], [-4.0, 2.0, 1.0]])
+    codes, scale = R.quantize_weight(w)
+    # row 0: factor 127 -> 127, -63.5 -> -64 (tie to even), 31.75 -> 32
+    # row 1: all zero -> scale 0, codes 0 (not NaN garbage)
+    # row 2: factor 127/4 = 31.75 -> -127, 63.5 -> 64 (tie to even), 31.75 -> 32
+    assert codes.dtype == torch.int8 and scale.dtype == torch.float32
+    assert codes.tolist() == [[127, -64, 32], [0, 0, 0], [-127, 64, 32]]
+    assert scale.tolist() == [1.0, 0.0, 4.0]
+
+
+QUANTIZE_ROWS = {"reference": R.quantize_rows, "triton": triton_quantize_rows}
+
+
+@pytest.mark.parametrize("impl", list(QUANTIZE_ROWS))
+def test_quantize_rows_by_hand(impl):
+    x = torch.tensor(
+        [
+            [1.0, -2.0, 0.5, 8.0],  # 8 >= 6: column 3 is an outlier column
+            [0.1, -0.2, 0.0, 0.5],  # 0.5 is not an outlier; it is this row's absmax, but gets code 0
+            [3.0, 0.0, -1.0, 0.25],
+            [0.0, 0.0, 0.0, 0.0],  # zero row
+        ]
+    )
+    codes, scale, cols = QUANTIZE_ROWS[impl](x, 6.0)
+    assert cols.tolist() == [3]
+    assert scale.tolist() == pytest.approx([2.0, 0.5, 3.0, 0.0])
+    # row 0: factor 63.5: 63.5 -> 64 (tie to even), -127, 31.75 -> 32; row 1: factor 254: 25.4 -> 25, -50.8 -> -51
+    assert codes.tolist() == [[64, -127, 32, 0], [25, -51, 0, 0], [127, 0, -42, 0], [0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("impl", list(QUANTIZE_ROWS))
+def test_round_half_to_even_by_hand(impl):
+    # absmax 127 gives factor exactly 1, so the codes are round(x) itself
+    x = torch.tensor([[0.5, 1.5, 2.5, -2.5, -0.5, 3.5, 127.0]])
+    for threshold in (0.0, 200.0):
+        codes, scale, cols = QUANTIZE_ROWS[impl](x, threshold)
+        assert codes.tolist() == [[0, 2, 2, -2, 0, 4, 127]]
+        assert cols.numel() == 0
+
+
+def test_threshold_zero_means_no_decomposition():
+    x, _ = planted(5, 16, 2)
+    codes, scale, cols = R.quantize_rows(x, threshold=0.0)
+    assert cols.numel() == 0
+    assert torch.equal(scale, x.abs().amax(dim=1))
+    assert (codes.abs().amax(dim=1) == 127).all()  # the row max itself always maps to +-127
+
+
+def naive_llm_int8(x, w, b, threshold):
+    """Independent float64 transcription of the paper's formula, one row at a time."""
+    x, w = x.double(), w.double()
+    w_scale = w.abs().amax(dim=1)
+    w_codes = torch.round(w * 127 / w_scale[:, None])
+    is_outlier = x.abs() >= threshold if threshold > 0 else torch.zeros_like(x, dtype=torch.bool)
+    out_cols = is_outlier.any(dim=0)
+    y = torch.zeros(x.shape[0], w.shape[0], dtype=torch.float64)
+    for m in range(x.shape[0]):
+        s = x[m][~is_outlier[m]].abs().max()
+        x_codes = torch.round(x[m] * 127 / s)
+        x_codes[out_cols] = 0
+        y[m] = (w_codes @ x_codes) * s * w_scale / 127**2
+        y[m] += (w_codes[:, out_cols] * w_scale[:, None] / 127) @ x[m, out_cols]
+    return y + b.double()
+
+
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_int8_linear_matches_naive_formula(threshold):
+    x, _ = planted(9, 48, 3)
+    w, b = torch.randn(20, 48), torch.randn(20)
+    w_int8, w_scale = R.quantize_weight(w)
+    y = R.int8_linear(x, w_int8, w_scale, b, threshold)
+    # fp32 vs float64 rounding can flip a code at an exact .5 tie, hence not bit-exact
+    assert rel_err(y, naive_llm_int8(x, w, b, threshold)) < 1e-5
+
+
+@pytest.mark.parametrize("fast_int_mm", [True, False])
+def test_int8_matmul_exact_on_both_cpu_paths(monkeypatch, fast_int_mm):
+    # worst case for the fp32 emulation: K = 1040 products of 127 * 127 sum to 16,774,160 < 2^24
+    monkeypatch.setattr(R, "CPU_FAST_INT_MM", fast_int_mm)
+    a = torch.randint(-127, 128, (5, 1040), dtype=torch.int8)
+    w = torch.randint(-127, 128, (7, 1040), dtype=torch.int8)
+    a[0] = 127
+    w[0] = 127
+    w[1] = -127
+    out = R.int8_matmul(a, w)
+    expected = a.long() @ w.long().t()
+    assert out.dtype == torch.int32
+    assert torch.equal(out.long(), expected)
+    assert out[0, 0].item() == 127 * 127 * 1040
+
+
+def test_outlier_columns_see_past_nan():
+    x = torch.zeros(4, 5)
+    x[0, 1] = float("nan")
+    x[2, 1] = 7.0  # same column as the NaN: still an outlier column
+    x[3, 4] = float("-inf")  # inf is an outlier
+    x[1, 2] = 5.99  # below the threshold
+    assert R.outlier_columns(x, 6.0).tolist() == [1, 4]
+
+
+# ---------------------------------------------------------------------------------------------
+# reference against bitsandbytes' functional ops (fp16-representable inputs, see module docstring)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_quantize_weight_matches_bnb():
+    w = torch.randn(70, 130).half().float()
+    w[3, 5] = 40.0  # a large weight only coarsens its own row
+    codes, scale = R.quantize_weight(w)
+    bnb_codes, bnb_scale, _ = bnb.functional.int8_vectorwise_quant(w.half())
+    assert torch.equal(codes, bnb_codes)
+    assert torch.equal(scale, bnb_scale)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+@pytest.mark.parametrize("M", [1, 37])
+def test_quantize_rows_matches_bnb(threshold, M):
+    x, _ = planted(M, 130, 4)
+    x = x.half().float()
+    x[0, 7] = 0.3  # make sure some small values share a column with outliers
+    codes, scale, cols = R.quantize_rows(x, threshold)
+    bnb_codes, bnb_scale, bnb_cols = bnb.functional.int8_vectorwise_quant(x.half(), threshold)
+    assert torch.equal(codes, bnb_codes)
+    assert torch.equal(scale, bnb_scale)
+    if threshold > 0:
+        assert cols.numel() > 0 and torch.equal(cols, bnb_cols)
+    else:
+        assert cols.numel() == 0 and bnb_cols is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton (interpreter) against the reference
+# ---------------------------------------------------------------------------------------------
+
+CASES = {
+    # name: (M, K, N, n_outlier_cols, threshold, dtype, bias)
+    "odd_shapes": (37, 130, 70, 3, 6.0, torch.float32, True),
+    "one_token": (1, 130, 70, 2, 6.0, torch.float32, True),
+    "many_tokens_many_outliers": (130, 100, 90, 20, 6.0, torch.float32, False),  # 20 > BLOCK_O = 16
+    "no_outliers": (37, 130, 70, 0, 6.0, torch.float32, True),
+    "threshold_zero": (37, 130, 70, 3, 0.0, torch.float32, True),
+    "bf16": (37, 130, 70, 3, 6.0, torch.bfloat16, True),
+    "fp16": (37, 130, 70, 3, 6.0, torch.float16, False),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_matches_reference(name):
+    M, K, N, n_out, threshold, dtype, has_bias = CASES[name]
+    x, _ = planted(M, K, n_out, dtype=dtype)
+    if M > 1:
+        x[M // 2] = 0  # an all-zero row
+    w = torch.randn(N, K)
+    b = torch.randn(N) if has_bias else None
+    w_int8, w_scale = R.quantize_weight(w)
+
+    codes, scale, cols = triton_quantize_rows(x, threshold)
+    ref_codes, ref_scale, ref_cols = R.quantize_rows(x, threshold)
+    assert torch.equal(codes, ref_codes)
+    assert torch.equal(scale, ref_scale)
+    assert torch.equal(cols, ref_cols)
+    assert cols.numel() == (n_out if threshold > 0 else 0)
+    if M > 1:
+        assert scale[M // 2] == 0 and (codes[M // 2] == 0).all()
+
+    y = triton_int8_linear(x, w_int8, w_scale, b, threshold)
+    ref = R.int8_linear(x, w_int8, w_scale, b, threshold)
+    assert y.dtype == dtype and y.shape == (M, N)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, ref) <= 1e-3
+    if M > 1 and b is not None:  # an all-zero row outputs exactly the bias, no NaN from 0/0
+        assert torch.equal(y[M // 2], b.to(dtype))
+
+
+def test_triton_3d_input_and_all_zero_input():
+    w_int8, w_scale = R.quantize_weight(torch.randn(33, 70))
+    x, _ = planted(2 * 19, 70, 5)
+    x = x.reshape(2, 19, 70)
+    y = triton_int8_linear(x, w_int8, w_scale, None, 6.0)
+    assert y.shape == (2, 19, 33)
+    assert rel_err(y, R.int8_linear(x, w_int8, w_scale, None, 6.0)) <= 1e-3
+    zeros = torch.zeros(3, 70)
+    assert torch.equal(triton_int8_linear(zeros, w_int8, w_scale, None, 6.0), torch.zeros(3, 33))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # inf * 0 in the interpreter's dot
+def test_triton_matches_reference_with_nan_and_inf():
+    x, _ = planted(20, 64, 2)
+    x[3, 10] = float("nan")
+    x[5, 11] = float("inf")  # an outlier: its row goes non-finite through the float part
+    w_int8, w_scale = R.quantize_weight(torch.randn(40, 64))
+    codes, scale, cols = triton_quantize_rows(x, 6.0)
+    ref_codes, ref_scale, ref_cols = R.quantize_rows(x, 6.0)
+    assert torch.equal(codes, ref_codes)
+    torch.testing.assert_close(scale, ref_scale, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(cols, ref_cols) and 11 in cols.tolist()
+    assert torch.isnan(scale[3]) and torch.isfinite(scale[5])
+
+    y = triton_int8_linear(x, w_int8, w_scale, None, 6.0)
+    ref = R.int8_linear(x, w_int8, w_scale, None, 6.0)
+    good = torch.tensor([i for i in range(20) if i not in (3, 5)])
+    assert torch.isnan(y[3]).all() and torch.isnan(ref[3]).all()
+    assert (~torch.isfinite(y[5])).all() and (~torch.isfinite(ref[5])).all()
+    assert torch.isfinite(y[good]).all()
+    assert rel_err(y[good], ref[good]) <= 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU code: no GPU here, but the kernels must still compile for one (the interpreter is more
+# permissive, e.g. about non-constexpr globals). Compile to PTX for sm_90 in a clean process.
+# ---------------------------------------------------------------------------------------------
+
+COMPILE_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import minirlhf.kernels.int8_matmul as K
+
+target = GPUTarget("cuda", 90, 32)
+def compile_ptx(fn, signature, constexprs, **opts):
+    src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
+    return triton.compile(src, target=target, options=opts).asm["ptx"]
+
+i32 = "i32"
+flags = compile_ptx(K._outlier_columns_kernel,
+    dict(x_ptr="*fp16", flag_ptr="*i8", M=i32, K=i32, stride_xm=i32, stride_xk=i32, threshold="fp32"),
+    dict(BLOCK_M=64, BLOCK_K=128), num_warps=4)
+quant = compile_ptx(K._quantize_rows_kernel,
+    dict(x_ptr="*bf16", flag_ptr="*i8", q_ptr="*i8", scale_ptr="*fp32", M=i32, K=i32, stride_xm=i32,
+         stride_xk=i32, stride_qm=i32, threshold="fp32"),
+    dict(USE_OUTLIERS=True, BLOCK_M=4, BLOCK_K=512), num_warps=4)
+assert "div.rn.f32" in quant and "cvt.rmi." in quant, "IEEE reciprocal and floor expected"
+gemm_sig = dict(a_ptr="*i8", w_ptr="*i8", row_scale_ptr="*fp32", w_scale_ptr="*fp32", bias_ptr="*fp16",
+                x_ptr="*fp16", cols_ptr="*i32", out_ptr="*fp16", M=i32, N=i32, K=i32, n_out=i32, M_BUCKET=i32,
+                stride_am=i32, stride_ak=i32, stride_wn=i32, stride_wk=i32, stride_xm=i32, stride_xk=i32,
+                stride_om=i32, stride_on=i32)
+gemm = compile_ptx(K._int8_matmul_kernel.fn, gemm_sig,
+    dict(HAS_BIAS=True, OUTLIER_IEEE=False, BLOCK_O=16, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8),
+    num_warps=8, num_stages=3)
+assert ".s8" in gemm and "mma" in gemm, "the main loop should use int8 tensor-core MMA"
+print("compiled")
+"""
+
+
+def test_triton_kernels_compile_for_gpu():
+    import os
+    import subprocess
+    import sys
+
+    import triton.backends.nvidia  # noqa: F401  (ships in every Linux triton wheel)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]

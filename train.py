@@ -1,0 +1,55 @@
+"""python train.py [flags]: RLHF a GPT-NeoX with PPO, an int8 base and LoRA adapters.
+
+Every flag is a field of minirlhf.train.TrainConfig; --help prints each field's documentation.
+With no flags it runs the embedded default: a small GPT-NeoX trained on movie-review snippets,
+taught by PPO to write positive reviews, scored by a reward model trained on human ratings.
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from minirlhf.rewards import RewardError
+from minirlhf.train import TrainConfig, field_docs, run
+
+
+def parse_args(argv=None) -> TrainConfig:
+    parser = argparse.ArgumentParser(
+        prog="train.py", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    docs = field_docs(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=docs[f.name])
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=docs[f.name],
+                                metavar=f.name.upper())
+    return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    try:
+        summary = run(cfg)
+    except (ValueError, OSError, RewardError) as e:  # bad flags, files, checkpoints, reward functions
+        if os.environ.get("MINIRLHF_DEBUG"):
+            raise
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("train.py: interrupted; the run folder keeps its last complete checkpoint "
+              "(continue with --resume RUN_FOLDER)", file=sys.stderr)
+        return 130
+    before, after = summary["before"], summary["after"]
+    print(f"\nrun folder: {summary['out']}")
+    print("| metric | before | after |\n|---|---|---|")
+    for key in before:
+        print(f"| {key} | {before[key]:.3f} | {after[key]:.3f} |")
+    print(f"KL per sequence (last 5 steps): {summary['kl_final']:.2f} (target {summary['kl_target']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
