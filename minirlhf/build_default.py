@@ -70,6 +70,8 @@ class BuildConfig:
     """Tokens per pretraining sequence."""
     lm_steps: int = 1500
     """Pretraining steps of batch_size blocks."""
+    eval_every: int = 250
+    """Validation perplexity every N steps; the best point is kept."""
     batch_size: int = 32
     """Sequences per step, LM and RM."""
     lm_lr: float = 2e-3
@@ -110,14 +112,16 @@ def read_snippets(path: str, limit: int = 0) -> dict[str, list[tuple[float, str]
     """id<TAB>rating<TAB>snippet lines (UTF-8, CRLF) -> {"train"|"val"|"test": [(rating, text)]}."""
     split = {"train": [], "val": [], "test": []}
     with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        for n, line in enumerate(f):
-            if limit and n >= limit:
-                break
-            parts = line.rstrip("\r\n").split("\t")
-            if len(parts) != 3:
-                raise ValueError(f"{path}: line {n + 1} does not have 3 tab-separated fields")
-            idx, rating, text = int(parts[0]), float(parts[1]), " ".join(parts[2].split())
-            split["test" if idx % 10 == 0 else "val" if idx % 10 == 1 else "train"].append((rating, text))
+        lines = [line for line in f if line.strip()]
+    if limit:  # the file is sorted by sentiment: take a random sample (in file order), not the head
+        keep = sorted(random.Random(0).sample(range(len(lines)), min(limit, len(lines))))
+        lines = [lines[i] for i in keep]
+    for n, line in enumerate(lines):
+        parts = line.rstrip("\r\n").split("\t")
+        if len(parts) != 3:
+            raise ValueError(f"{path}: line {n + 1} does not have 3 tab-separated fields")
+        idx, rating, text = int(parts[0]), float(parts[1]), " ".join(parts[2].split())
+        split["test" if idx % 10 == 0 else "val" if idx % 10 == 1 else "train"].append((rating, text))
     return split
 
 
@@ -165,21 +169,25 @@ def pretrain(cfg: BuildConfig, tok: Tokenizer, train: torch.Tensor, val: torch.T
     log(f"LM: {count_params(model) / 1e6:.2f}M parameters, {train.numel() / 1e3:.0f}k training tokens")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lm_lr, weight_decay=0.1, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(cfg.seed)
+    best, best_state = math.inf, None
     model.train()
     for step in range(cfg.lm_steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.lm_steps, cfg.lm_lr)
         batch = train[torch.randint(len(train), (cfg.batch_size,), generator=g)]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(batch[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        # fp32: bf16 autocast only pays on CPUs with AVX512-BF16/AMX, and costs determinism across machines
+        logits = model(batch[:, :-1]).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if (step + 1) % 250 == 0 or step + 1 == cfg.lm_steps:
-            log(f"LM step {step + 1}/{cfg.lm_steps}: train loss {loss.item():.3f}, "
-                f"val perplexity {val_perplexity(model, val):.1f}")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.lm_steps:
+            ppl = val_perplexity(model, val)
+            log(f"LM step {step + 1}/{cfg.lm_steps}: train loss {loss.item():.3f}, val perplexity {ppl:.1f}")
+            if ppl < best:  # a few thousand snippets overfit quickly: keep the best validation point
+                best, best_state = ppl, {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
     set_dropout(model, 0.0)
     return model.eval()
 
@@ -218,9 +226,7 @@ def train_reward_model(cfg: BuildConfig, tok: Tokenizer, lm: CausalLM, train, lo
             target = torch.tensor([r / 4 for r, _ in rows])
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, cfg.rm_lr, warmup=30)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                pred = rm(ids, mask).logits[:, 0]
-            loss = F.mse_loss(pred.float(), target)
+            loss = F.mse_loss(rm(ids, mask).logits[:, 0], target)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
             opt.step()
@@ -284,6 +290,7 @@ def build(cfg: BuildConfig, log=print) -> dict:
     parent = os.path.dirname(os.path.abspath(cfg.out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-default-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the shipped default must be readable by everyone
     try:
         tok.save(os.path.join(tmp, "tok"))
         save_model(lm, os.path.join(tmp, "lm"), tokenizer_folder=os.path.join(tmp, "tok"), dtype=torch.float16)

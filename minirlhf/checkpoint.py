@@ -241,6 +241,7 @@ def save_model(model: nn.Module, folder: str, tokenizer_folder: str | None = Non
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a saved model is an ordinary folder
     try:
         model.config.save(os.path.join(tmp, "config.json"), architecture)
         state = float_state_dict(model)

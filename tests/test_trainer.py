@@ -80,9 +80,9 @@ def test_toy_task_is_learned(sharp_model):
 
     model = add_lora(minirlhf.load_model(sharp_model, int8=True), r=8, alpha=16, dropout=0.0,
                      target_modules="all-linear")
-    cfg = config(batch_size=16, mini_batch_size=4, ppo_epochs=4, min_new_tokens=6, max_new_tokens=8)
+    cfg = config(batch_size=32, mini_batch_size=8, ppo_epochs=4, min_new_tokens=6, max_new_tokens=8)
     trainer = PPOTrainer(model, tok, checked_reward_fn(reward, "toy"), cfg)
-    history = [trainer.step([PROMPTS[i % 4] for i in range(16)])[0]["env/reward_mean"] for _ in range(50)]
+    history = [trainer.step([PROMPTS[i % 4] for i in range(32)])[0]["env/reward_mean"] for _ in range(40)]
     assert sum(history[:3]) / 3 < 0.1
     assert sum(history[-10:]) / 10 >= 0.3, history
 

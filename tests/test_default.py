@@ -1,0 +1,91 @@
+"""The embedded default: the shipped models against transformers and against the human ratings.
+
+These tests recompute every claimed number from the shipped files and the raw data; nothing is read
+from build_report.json.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+import minirlhf
+from minirlhf.build_default import (BuildConfig, blocks, build, read_snippets, rm_scores, sign_accuracy,
+                                    token_stream, val_perplexity)
+from minirlhf.rewards import vader_reward
+
+DEFAULT = os.path.join(os.path.dirname(minirlhf.__file__), "default")
+DATA = os.path.join(os.path.dirname(__file__), "data", "movieReviewSnippets_GroundTruth.txt")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return read_snippets(DATA)
+
+
+def test_split_is_fixed_by_id(data):
+    assert {k: len(v) for k, v in data.items()} == {"train": 8484, "val": 1061, "test": 1060}
+
+
+@pytest.mark.parametrize("name, cls", [("lm", "GPTNeoXForCausalLM"), ("rm", "GPTNeoXForSequenceClassification")])
+def test_transformers_loads_the_shipped_models_and_gives_our_logits(name, cls):
+    import transformers
+
+    folder = os.path.join(DEFAULT, name)
+    ours = minirlhf.load_model(folder)
+    theirs = getattr(transformers, cls).from_pretrained(folder, dtype=torch.float32).eval()
+    tok = minirlhf.load_tokenizer(folder)
+    ids, mask = tok.encode_batch(["A gorgeous, witty, seductive movie.", "Boring", "the plot is a mess and"])
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        got = ours(ids, mask).logits
+    if name == "lm":
+        expected, got = expected[mask.bool()], got[mask.bool()]
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_reward_model_beats_vader_on_the_test_snippets(data):
+    texts, ratings = [t for _, t in data["test"]], [r for r, _ in data["test"]]
+    rm = minirlhf.load_model(os.path.join(DEFAULT, "rm"))
+    tok = minirlhf.load_tokenizer(os.path.join(DEFAULT, "rm"))
+    ours = sign_accuracy(rm_scores(rm, tok, texts), ratings)
+    vader = sign_accuracy(vader_reward(include_prompt=False)([""] * len(texts), texts), ratings)
+    assert ours > vader, (ours, vader)
+    assert ours > 0.7
+
+
+def test_int8_perplexity_within_two_percent_of_fp32(data):
+    folder = os.path.join(DEFAULT, "lm")
+    tok = minirlhf.load_tokenizer(folder)
+    val = blocks(token_stream(tok, [t for _, t in data["val"]]), 64)
+    fp32 = val_perplexity(minirlhf.load_model(folder), val)
+    int8 = val_perplexity(minirlhf.load_model(folder, int8=True), val)
+    assert abs(int8 - fp32) / fp32 < 0.02, (fp32, int8)
+
+
+def test_shipped_prompts_come_from_held_out_snippets(data):
+    held_out = " ".join(t for _, t in data["val"] + data["test"])
+    train = {t for _, t in data["train"]}
+    for name in ("prompts.txt", "eval_prompts.txt"):
+        with open(os.path.join(DEFAULT, name), encoding="utf-8") as f:
+            prompts = f.read().splitlines()
+        assert len(prompts) >= 16
+        assert all(2 <= len(p.split()) <= 8 and p in held_out for p in prompts)
+        assert not any(t.startswith(p) for p in prompts[:50] for t in train if len(p.split()) >= 6)
+
+
+def test_build_default_end_to_end_on_a_slice(tmp_path):
+    import transformers
+
+    cfg = BuildConfig(out=str(tmp_path / "default"), data=DATA, limit=300, vocab_size=400, hidden_size=32, layers=1,
+                      heads=2, lm_steps=10, eval_every=5, rm_epochs=1, prompts=10, eval_prompts=4)
+    report = build(cfg, log=lambda *_: None)
+    out = tmp_path / "default"
+    for name in ("lm/config.json", "lm/model.safetensors", "lm/tokenizer.json", "rm/model.safetensors",
+                 "prompts.txt", "eval_prompts.txt", "build_report.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "build_report.json").read_text())["split"] == report["split"]
+    assert report["split"]["train"] > 200 and report["split"]["test"] > 10
+    transformers.GPTNeoXForSequenceClassification.from_pretrained(out / "rm")
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
