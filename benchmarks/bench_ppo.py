@@ -249,6 +249,7 @@ def child_ours(args) -> dict:
         print(f"  [ours {args.base}] step {i}{' (warmup)' if i < args.warmup else ''}: {total:.2f} s", file=sys.stderr,
               flush=True)
 
+    peak_rss, ru_peak = proc_status_mb("VmHWM"), maxrss_mb()  # before profiling: its records would count
     profile = None
     if args.profile:
         current["step"] = args.warmup + args.steps - 1  # reuse the last step's inputs
@@ -259,7 +260,7 @@ def child_ours(args) -> dict:
         profile = f"phases inside the profiled step (s, profiler overhead included): {labels}\n" + profile
     return {"steps": steps[args.warmup:], "warmup_steps": steps[:args.warmup], "rss_imports_mb": rss_imports,
             "rss_loaded_mb": rss_loaded, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "profile": profile}
+            "profile": profile, "peak_rss_mb": peak_rss, "ru_maxrss_mb": ru_peak}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -339,8 +340,8 @@ def child_main(args) -> None:
     sys.path.insert(0, ROOT)
     fn = {"build": child_build, "ours": child_ours, "trl": child_trl}[args.child]
     result = fn(args)
-    result["peak_rss_mb"] = proc_status_mb("VmHWM")
-    result["ru_maxrss_mb"] = maxrss_mb()
+    result.setdefault("peak_rss_mb", proc_status_mb("VmHWM"))
+    result.setdefault("ru_maxrss_mb", maxrss_mb())
     with open(args.result, "w") as f:
         json.dump(result, f)
 
@@ -387,8 +388,8 @@ def table(rows, args, machine: str, versions: dict) -> str:
     ref_s = median([s["total"] for s in ref["steps"]]) if ref else None
     lines = [f"### PPO step on CPU: minirlhf vs trl {versions.get('trl', '?')} + peft {versions.get('peft', '?')}",
              "",
-             f"Machine: {machine}; torch {versions.get('torch', '?')}, {versions.get('threads', '?')} threads; "
-             f"transformers {versions.get('transformers', '?')}, bitsandbytes {versions.get('bitsandbytes', '?')}.",
+             f"Machine: {machine}; torch {versions.get('torch', '?')}, {versions.get('threads', '?')} threads"
+             + "".join(f"; {k} {versions[k]}" for k in ("transformers", "bitsandbytes") if k in versions) + ".",
              f"Workload: Pythia-70m-shaped random GPT-NeoX (vocab 50304), LoRA r=8 on query_key_value, batch "
              f"{BATCH}, mini-batch {MINI_BATCH}, {PPO_EPOCHS} PPO epochs, {QUERY_TOKENS}-token queries, exactly "
              f"{RESPONSE_TOKENS}-token responses; median of {args.steps} steps after {args.warmup} warmup.",
@@ -449,10 +450,10 @@ def main():
         print(f"built the model ({built['params'] / 1e6:.1f}M parameters) and tokenizer in "
               f"{time.perf_counter() - t:.0f} s", flush=True)
 
-        plan = []  # trl fp32 first: it is the reference row
-        for impl in ("trl", "ours"):
-            if args.only in (None, impl):
-                plan += [(impl, b) for b in (["fp32", "int8"] if impl == "trl" else ["int8", "fp32"]) if b in bases]
+        # trl fp32 first (the reference row), ours right after it (the machine's load drifts: rows close in
+        # time compare best), trl int8 last (bitsandbytes' CPU int8 can be very slow without VNNI)
+        order = [("trl", "fp32"), ("ours", "int8"), ("ours", "fp32"), ("trl", "int8")]
+        plan = [(impl, b) for impl, b in order if args.only in (None, impl) and b in bases]
         rows, versions = [], {}
         for impl, base in plan:
             print(f"running {impl} {base} ...", flush=True)

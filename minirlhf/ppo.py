@@ -119,33 +119,33 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
 # ----------------------------------------------------------------------------------------------------
 
 
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
     """log p(label) under softmax(logits): [B, T, V] logits, [B, T] labels -> [B, T] float32.
 
     log_softmax(x)[y] = x[y] - logsumexp(x). trl computes the full [B, T, V] log_softmax and gathers;
-    we gather first and subtract the logsumexp, one row at a time, so the only [T, V] temporaries are for
-    one sample and autograd keeps nothing vocabulary-sized beyond the logits themselves (the backward of
-    logsumexp recomputes the softmax). Rows are upcast to float32 first (bf16 logsumexp is too coarse).
-    The result agrees with trl's to float32 rounding (a few ulps), not bit for bit.
+    we gather first and subtract the logsumexp, so no second vocabulary-sized tensor is made (the
+    backward of logsumexp recomputes the softmax). Pass `lse` = logsumexp(logits) if you already have
+    it (entropy_from_logits needs the same one). Logits are upcast to float32 (bf16 logsumexp is too
+    coarse). The result agrees with trl's to float32 rounding (a few ulps), not bit for bit.
 
     Temperature: sampling with temperature tau draws from softmax(logits / tau), so the caller divides
     the logits by tau before calling this if the log-probs must describe the sampling distribution.
     """
-    rows = []
-    for i in range(logits.shape[0]):
-        row = logits[i].float()  # [T, V]
-        picked = row.gather(-1, labels[i].unsqueeze(-1)).squeeze(-1)  # [T]
-        rows.append(picked - torch.logsumexp(row, dim=-1))
-    return torch.stack(rows)
+    logits = logits.float()
+    if lse is None:
+        lse = torch.logsumexp(logits, dim=-1)  # [B, T]
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+def entropy_from_logits(logits: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
     """Entropy of softmax(logits) over the last dim: [B, T, V] -> [B, T].
 
-    H = -sum_v p_v log p_v = logsumexp(x) - sum_v p_v x_v   (the same formula as trl).
+    H = -sum_v p_v log p_v = logsumexp(x) - sum_v p_v x_v   (the same formula as trl). Pass `lse` =
+    logsumexp(logits) when you have it, to save a pass over the vocabulary.
     """
-    probs = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
+    if lse is None:
+        lse = torch.logsumexp(logits, dim=-1)
+    return lse - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------

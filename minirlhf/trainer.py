@@ -87,16 +87,20 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------- rollout
     def forward_pass(self, seq, seq_mask, P, N, full_logits=False):
-        """seq [b, P+N] -> logprobs [b, N], values [b, N], and log-softmaxed logits [b, N, V] if asked.
+        """seq [b, P+N] -> logprobs [b, N], values [b, N], logits [b, N, V] (log-softmaxed if
+        full_logits) and their logsumexp [b, N].
 
         Only the N positions that predict response tokens get logits: the LM head is the
         biggest matmul of a small model, and the prompt's logits are never used.
         """
         out = self.model(seq, seq_mask, logits_positions=slice(P - 1, P + N - 1))
-        logits = out.logits.float() / self.cfg.temperature  # same temperature as sampling
-        logprobs = logprobs_from_logits(logits, seq[:, P:])
+        logits = out.logits.float()
+        if self.cfg.temperature != 1.0:
+            logits = logits / self.cfg.temperature  # the distribution that was sampled
+        lse = torch.logsumexp(logits, dim=-1)  # [b, N], shared by log-probs and entropy
+        logprobs = logprobs_from_logits(logits, seq[:, P:], lse)
         values = self.value_head(out.hidden_states[:, P - 1:P + N - 1])
-        return logprobs, values, (logits.log_softmax(-1) if full_logits else logits)
+        return logprobs, values, (logits - lse.unsqueeze(-1) if full_logits else logits), lse
 
     @torch.no_grad()
     def score_pass(self, seq, seq_mask, P, N):
@@ -105,9 +109,9 @@ class PPOTrainer:
         full = self.cfg.kl_estimator == "full"
         lp, rlp, vals, lg, rlg = [], [], [], [], []
         for rows in torch.arange(seq.shape[0]).split(self.cfg.mini_batch_size):
-            logprobs, values, logits = self.forward_pass(seq[rows], seq_mask[rows], P, N, full)
+            logprobs, values, logits, _ = self.forward_pass(seq[rows], seq_mask[rows], P, N, full)
             with disable_adapters(self.model):
-                ref_logprobs, _, ref_logits = self.forward_pass(seq[rows], seq_mask[rows], P, N, full)
+                ref_logprobs, _, ref_logits, _ = self.forward_pass(seq[rows], seq_mask[rows], P, N, full)
             lp.append(logprobs), rlp.append(ref_logprobs), vals.append(values)
             if full:
                 lg.append(logits), rlg.append(ref_logits)
@@ -143,9 +147,9 @@ class PPOTrainer:
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(seq.shape[0], generator=self.gen, device=self.device)
             for rows in order.split(cfg.mini_batch_size):
-                logprobs, vpreds, logits = self.forward_pass(seq[rows], seq_mask[rows], P, N)
+                logprobs, vpreds, logits, lse = self.forward_pass(seq[rows], seq_mask[rows], P, N)
                 with torch.no_grad():
-                    entropy = entropy_from_logits(logits)
+                    entropy = entropy_from_logits(logits, lse)
                 pg_loss, vf_loss, stats = ppo_loss(
                     r.logprobs[rows], old_values[rows], logprobs, vpreds, entropy, mask[rows], advantages[rows],
                     returns[rows], cfg.cliprange, cfg.cliprange_value, cfg.vf_coef, cfg.ratio_threshold)
