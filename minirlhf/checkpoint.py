@@ -249,6 +249,7 @@ def save_model(model: nn.Module, folder: str, tokenizer_folder: str | None = Non
             state = {k: v.to(dtype) for k, v in state.items()}
         save_file({k: v.cpu() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"),
                   metadata={"format": "pt"})
+        os.chmod(os.path.join(tmp, "model.safetensors"), 0o644)  # safetensors writes it owner-only
         if tokenizer_folder is not None:
             for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
                 src = os.path.join(tokenizer_folder, name)

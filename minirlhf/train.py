@@ -42,7 +42,7 @@ class TrainConfig:
     eval_prompts: str = "default"
     """Text file of prompts for the before/after evaluation. "default": the shipped eval prompts when the prompts
     are the default ones, else the first --eval-size lines of --prompts."""
-    eval_size: int = 16
+    eval_size: int = 32
     """How many eval prompts to sample and score before and after training."""
     steps: int = 100
     """PPO steps (each samples --batch-size prompts)."""
@@ -278,8 +278,8 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
              layers=cfg.lora_layers or None)
     reward_fn = load_reward(cfg.reward, device)
     judges = {"reward": reward_fn}
-    if cfg.reward != "vader":
-        judges["vader"] = checked_reward_fn(vader_reward(), "vader")
+    if cfg.reward != "vader":  # an independent judge of what the policy wrote (the response alone),
+        judges["vader"] = checked_reward_fn(vader_reward(include_prompt=False), "vader")  # against reward hacking
 
     trainer = PPOTrainer(model, tokenizer, reward_fn, cfg, device)
     os.makedirs(out, exist_ok=True)
