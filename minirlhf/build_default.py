@@ -16,8 +16,9 @@ with this project's own model code, from real data:
           with the LLM.int8() base that PPO will use.
   2. RM   a reward model, InstructGPT-style: the same network with the LM head swapped for a scalar
           `score` head (GPTNeoXForSequenceClassification's layout), initialised from the LM and
-          regressed onto rating / 4. Score > 0 means "people found this positive". Its test-split sign
-          accuracy is reported beside VADER's on the same snippets.
+          regressed onto rating / 4, then scaled by 4 so it outputs the predicted mean rating on the raters'
+          -4 .. +4 scale. Score > 0 means "people found this positive". Its test-split sign accuracy is
+          reported beside VADER's on the same snippets.
   3. PPO  (train.py) prompts are the first 2-8 words of validation snippets; eval prompts come from
           the test split, so no prompt was seen by the LM or RM in training.
 
@@ -234,6 +235,8 @@ def train_reward_model(cfg: BuildConfig, tok: Tokenizer, lm: CausalLM, train, lo
             step += 1
         log(f"RM epoch {epoch + 1}/{cfg.rm_epochs}: last batch MSE {loss.item():.3f}")
     set_dropout(rm, 0.0)
+    with torch.no_grad():  # fit to rating / 4; scaled so it outputs the predicted rating itself, in the
+        rm.score.weight.mul_(4)  # raters' -4 .. +4 units (a power of two: exact in fp16 too)
     return rm.eval()
 
 

@@ -139,12 +139,14 @@ def vader_reward(include_prompt: bool = True):
 # ----------------------------------------------------------------------------------------------------
 
 
-def reward_model_fn(name_or_path: str, device="cpu", batch_size: int = 64, max_length: int = 256):
+def reward_model_fn(name_or_path: str, device="cpu", batch_size: int = 64, max_length: int = 256,
+                    include_prompt: bool = True):
     """A reward_fn backed by a GPT-NeoX reward model (a folder or Hub id holding a
     GPTNeoXForSequenceClassification checkpoint with one label).
 
-    It scores prompt + response (concatenated as is, as for VADER), left-padded, read at the last real
-    token: one scalar per sample, [n]. The model runs in float32 and in eval mode, with no gradients.
+    It scores prompt + response (concatenated as is, as for VADER; include_prompt=False: the response
+    alone), left-padded, read at the last real token: one scalar per sample, [n]. The model runs in
+    float32 and in eval mode, with no gradients.
     """
     from .checkpoint import CheckpointError, load_model
     from .tokenizer import load_tokenizer
@@ -157,7 +159,7 @@ def reward_model_fn(name_or_path: str, device="cpu", batch_size: int = 64, max_l
 
     @torch.no_grad()
     def reward(prompts: list[str], responses: list[str]) -> torch.Tensor:
-        texts = [p + r for p, r in zip(prompts, responses)]
+        texts = [p + r for p, r in zip(prompts, responses)] if include_prompt else list(responses)
         scores = []
         for i in range(0, len(texts), batch_size):
             ids, mask = tokenizer.encode_batch(texts[i:i + batch_size], max_length=max_length)

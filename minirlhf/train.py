@@ -195,7 +195,11 @@ def load_reward(spec: str, device):
     from .rewards import checked_reward_fn, load_reward_fn, reward_model_fn
 
     if spec == "default":
-        return checked_reward_fn(reward_model_fn(default_path("rm"), device), "default reward model")
+        # The response alone: the default prompts are openings of real reviews, and scored together with
+        # them most of a batch's reward variance would be the prompts' sentiment, which the policy cannot
+        # change; the response's own contribution would drown in it.
+        fn = reward_model_fn(default_path("rm"), device, include_prompt=False)
+        return checked_reward_fn(fn, "default reward model")
     return load_reward_fn(spec, device)
 
 
