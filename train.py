@@ -6,26 +6,18 @@ taught by PPO to write positive reviews, scored by a reward model trained on hum
 """
 
 import argparse
-import dataclasses
 import os
 import sys
 
 from minirlhf.rewards import RewardError
-from minirlhf.train import TrainConfig, field_docs, run
+from minirlhf.train import TrainConfig, add_dataclass_flags, run
 
 
 def parse_args(argv=None) -> TrainConfig:
     parser = argparse.ArgumentParser(
         prog="train.py", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    docs = field_docs(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=docs[f.name])
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=docs[f.name],
-                                metavar=f.name.upper())
+    add_dataclass_flags(parser, TrainConfig)
     return TrainConfig(**vars(parser.parse_args(argv)))
 
 

@@ -334,12 +334,10 @@ def build(cfg: BuildConfig, log=print) -> dict:
 
 
 def main(argv=None):
-    from .train import field_docs
+    from .train import add_dataclass_flags
 
     parser = argparse.ArgumentParser(prog="python -m minirlhf.build_default", description=__doc__.split("\n\n")[0])
-    docs = field_docs(BuildConfig)
-    for name, default in asdict(BuildConfig()).items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=docs[name])
+    add_dataclass_flags(parser, BuildConfig)
     build(BuildConfig(**vars(parser.parse_args(argv))))
 
 

@@ -124,6 +124,20 @@ class TrainConfig:
     """Write a checkpoint every N steps (and at the end)."""
 
 
+def add_dataclass_flags(parser, cls) -> None:
+    """One --flag per dataclass field (bools get --x / --no-x), its help text the string under the field."""
+    import argparse
+
+    docs = {name: doc.replace("%", "%%") for name, doc in field_docs(cls).items()}  # argparse formats help with %
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=docs[f.name])
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=docs[f.name],
+                                metavar=f.name.upper())
+
+
 def field_docs(cls) -> dict[str, str]:
     """The string under each dataclass field: the help text of its flag."""
     tree = ast.parse(inspect.getsource(cls))
@@ -212,17 +226,8 @@ def run_meta(cfg: TrainConfig) -> dict:
 
 def evaluate(trainer, prompts: list[str], judges: dict, seed: int) -> dict:
     """Sample once per eval prompt with a fixed seed and score with every judge."""
-    from .generate import generate
-
-    cfg, tok = trainer.cfg, trainer.tokenizer
-    ids, mask = tok.encode_batch(prompts, max_length=cfg.max_prompt_tokens)
-    ids, mask = ids.to(trainer.device), mask.to(trainer.device)
-    trainer.model.eval()
     gen = torch.Generator(device=trainer.device).manual_seed(seed)
-    tokens, resp_mask = generate(trainer.model, ids, mask, cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
-                                 temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                 eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, generator=gen)
-    responses = tok.decode_batch(tokens.cpu(), resp_mask.cpu())
+    *_, responses = trainer.sample(prompts, trainer.cfg.max_new_tokens, gen)
     scores = {name: fn(prompts, responses).tolist() for name, fn in judges.items()}
     result = {"prompts": prompts, "responses": responses, "scores": scores}
     for name, values in scores.items():
@@ -331,9 +336,7 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
         "train_seconds_this_invocation": round(time.time() - start, 1),
     }
     save_adapter(model, os.path.join(out, "adapter"), base_model_name_or_path=cfg.model)
-    from safetensors.torch import save_file
-    save_file({k: v.detach().cpu().contiguous() for k, v in trainer.value_head.state_dict().items()},
-              os.path.join(out, "value_head.safetensors"))
+    trainer.save_value_head(os.path.join(out, "value_head.safetensors"))
     plot_curve(metrics, os.path.join(out, "reward.png"), summary["kl_target"])
     atomic_write(os.path.join(out, "samples.md"), samples_markdown(before, after, list(judges)))
     atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))

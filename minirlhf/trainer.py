@@ -119,17 +119,23 @@ class PPOTrainer:
         return cat(lp), cat(rlp), cat(vals), (cat(lg) if full else None), (cat(rlg) if full else None)
 
     @torch.no_grad()
-    def rollout(self, prompts: list[str]) -> Rollout:
-        cfg = self.cfg
+    def sample(self, prompts: list[str], limits, generator: torch.Generator):
+        """Tokenize, left-pad and sample responses with the config's sampling settings (eval mode).
+        limits: an int or a [B] tensor of response lengths. Returns ids, mask [B, P], tokens,
+        response mask [B, N] and the decoded responses."""
+        cfg, tok = self.cfg, self.tokenizer
         self.model.eval()
-        ids, mask = self.tokenizer.encode_batch(prompts, max_length=cfg.max_prompt_tokens)
+        ids, mask = tok.encode_batch(prompts, max_length=cfg.max_prompt_tokens)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        limits = torch.tensor([self.lengths() for _ in prompts], device=self.device)
         tokens, resp_mask = generate(self.model, ids, mask, limits, min_new_tokens=cfg.min_new_tokens,
                                      temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                     eos_token_id=self.tokenizer.eos_id, pad_token_id=self.tokenizer.pad_id,
-                                     generator=self.gen)
-        responses = self.tokenizer.decode_batch(tokens.cpu(), resp_mask.cpu())
+                                     eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, generator=generator)
+        return ids, mask, tokens, resp_mask, tok.decode_batch(tokens.cpu(), resp_mask.cpu())
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[str]) -> Rollout:
+        limits = torch.tensor([self.lengths() for _ in prompts], device=self.device)
+        ids, mask, tokens, resp_mask, responses = self.sample(prompts, limits, self.gen)
         scores = self.reward_fn(prompts, responses).to(self.device)
         P, N = ids.shape[1], tokens.shape[1]
         seq, seq_mask = torch.cat([ids, tokens], 1), torch.cat([mask, resp_mask], 1)
@@ -197,8 +203,7 @@ class PPOTrainer:
         tmp = tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=parent)
         try:
             save_adapter(self.model, os.path.join(tmp, "adapter"), base_model_name_or_path=meta.get("model"))
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
-                      os.path.join(tmp, "value_head.safetensors"))
+            self.save_value_head(os.path.join(tmp, "value_head.safetensors"))
             tensors, opt_meta = _flatten_optimizer(self.optimizer.state_dict())
             tensors["rng.trainer"] = self.gen.get_state()
             tensors["rng.lengths"] = self.lengths.generator.get_state()
@@ -212,6 +217,9 @@ class PPOTrainer:
             os.rename(tmp, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def save_value_head(self, path: str) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}, path)
 
     def load_checkpoint(self, folder: str) -> dict:
         with open(os.path.join(folder, "trainer_state.json")) as f:

@@ -89,3 +89,14 @@ def test_build_default_end_to_end_on_a_slice(tmp_path):
     assert report["split"]["train"] > 200 and report["split"]["test"] > 10
     transformers.GPTNeoXForSequenceClassification.from_pretrained(out / "rm")
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
+
+
+def test_build_default_help_lists_every_field(capsys):
+    from minirlhf.build_default import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("--lm-lr", "--rm-epochs", "--eval-every", "--limit", "--data"):
+        assert name in out
