@@ -85,7 +85,7 @@ class BuildConfig:
     """Reward-model learning rate."""
     prompts: int = 800
     """How many PPO prompts to cut from validation snippets."""
-    eval_prompts: int = 32
+    eval_prompts: int = 128
     """How many eval prompts to cut from test snippets."""
     seed: int = 0
     """Seed for initialisation, batches and prompt lengths."""
@@ -264,15 +264,16 @@ def sign_accuracy(pred: list[float], ratings: list[float]) -> float:
 
 
 def make_prompts(snippets: list[tuple[float, str]], n: int, seed: int) -> list[str]:
-    """The first 2-8 words of each snippet (at most n, in file order), as a PPO prompt."""
+    """The first 2-8 words of n snippets drawn at random (seeded), as PPO prompts.
+
+    Drawn, not taken from the top: the file holds the positive reviews first and the negative ones
+    after, so its first snippets would all open positive reviews.
+    """
     g = random.Random(seed)
+    usable = [text.split() for _, text in snippets if len(text.split()) >= 4]
     prompts = []
-    for _, text in snippets:
-        words = text.split()
-        if len(words) >= 4:
-            prompts.append(" ".join(words[:min(len(words) - 1, g.randint(2, 8))]))
-        if len(prompts) == n:
-            break
+    for words in g.sample(usable, min(n, len(usable))):
+        prompts.append(" ".join(words[:min(len(words) - 1, g.randint(2, 8))]))
     return prompts
 
 

@@ -42,7 +42,7 @@ class TrainConfig:
     eval_prompts: str = "default"
     """Text file of prompts for the before/after evaluation. "default": the shipped eval prompts when the prompts
     are the default ones, else the first --eval-size lines of --prompts."""
-    eval_size: int = 32
+    eval_size: int = 128
     """How many eval prompts to sample and score before and after training."""
     steps: int = 100
     """PPO steps (each samples --batch-size prompts)."""

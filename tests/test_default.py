@@ -75,6 +75,18 @@ def test_shipped_prompts_come_from_held_out_snippets(data):
         assert not any(t.startswith(p) for p in prompts[:50] for t in train if len(p.split()) >= 6)
 
 
+def test_shipped_prompts_open_positive_and_negative_snippets(data):
+    """The snippets file holds positive reviews first: prompts cut from its top would all open
+    positive ones. Each shipped prompt file must open both kinds, roughly as the data does."""
+    for name, split in (("prompts.txt", "val"), ("eval_prompts.txt", "test")):
+        with open(os.path.join(DEFAULT, name), encoding="utf-8") as f:
+            prompts = f.read().splitlines()
+        ratings = [next(r for r, t in data[split] if t.startswith(p + " ")) for p in prompts]
+        positive = sum(r > 0 for r in ratings) / len(ratings)
+        data_positive = sum(r > 0 for r, _ in data[split]) / len(data[split])
+        assert abs(positive - data_positive) < 0.1, (name, positive, data_positive)
+
+
 def test_build_default_end_to_end_on_a_slice(tmp_path):
     import transformers
 

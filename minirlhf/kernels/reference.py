@@ -110,7 +110,12 @@ def dequantize_weight(w_int8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tens
 
 
 def _round_to_int8(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
-    """round(x * (127 / absmax)) per row, as int8. x [R, C] fp32, absmax [R] fp32.
+    """round(x * (127 / absmax)) per row, as int8. x [R, C] fp32, absmax [R] fp32."""
+    return _round_codes(x, absmax).to(torch.int8)
+
+
+def _round_codes(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """round(x * (127 / absmax)) per row, as fp32 integers in [-127, 127]. x [R, C] fp32, absmax [R].
 
     A row with absmax 0 (all zeros) gets factor 0 instead of inf, so its codes are 0, not NaN.
     A row with a NaN absmax gets factor 0 too, and its NaN elements are set to code 0, so the codes
@@ -122,7 +127,7 @@ def _round_to_int8(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     v = x * factor[:, None]  # [R, C] fp32, |v| <= 127 for every finite non-outlier element
     if not torch.isfinite(factor * absmax).all():  # rare: some row holds a NaN or inf
         v = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
-    return v.round_().to(torch.int8)  # torch.round is round-half-to-even, like bitsandbytes
+    return v.round_()  # torch.round is round-half-to-even, like bitsandbytes
 
 
 def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -151,6 +156,12 @@ def quantize_rows(x: torch.Tensor, threshold: float = 6.0):
     Returns (x_int8 [M, K] int8, row_scale [M] fp32, outlier_cols [n_out] int64).
     x_int8[:, outlier_cols] == 0; those columns are multiplied in float by int8_linear.
     """
+    codes, row_scale, cols = _quantize_rows_codes(x, threshold)
+    return codes.to(torch.int8), row_scale, cols
+
+
+def _quantize_rows_codes(x: torch.Tensor, threshold: float):
+    """quantize_rows with the codes left as fp32 integers (exact: they lie in [-127, 127])."""
     if x.dim() != 2:
         raise ValueError(f"quantize_rows expects x of shape [M, K], got {tuple(x.shape)}")
     x = x.float()
@@ -160,10 +171,15 @@ def quantize_rows(x: torch.Tensor, threshold: float = 6.0):
         # bitsandbytes semantics: only the outlier elements leave the absmax ...
         a.masked_fill_(a >= threshold, 0.0)
     row_scale = a.amax(dim=1)  # [M]; NaN propagates, so a NaN row keeps a NaN scale
-    codes = _round_to_int8(x, row_scale)
+    codes = _round_codes(x, row_scale)
     if cols.numel() > 0:
         codes[:, cols] = 0  # ... but their whole columns leave the int8 matmul
     return codes, row_scale, cols
+
+
+def _int8_units(a: torch.Tensor) -> bool:
+    """Whether this device multiplies int8 matrices natively (cuBLASLt; oneDNN with VNNI/AMX)."""
+    return a.is_cuda or (a.device.type == "cpu" and CPU_FAST_INT_MM)
 
 
 def int8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -197,11 +213,16 @@ def int8_linear(
     if x2.shape[0] == 0:
         return x.new_empty(*lead_shape, N)
 
-    x_int8, row_scale, cols = quantize_rows(x2, threshold)  # [M, K] int8, [M], [n_out]
-    acc = int8_matmul(x_int8, w_int8)  # [M, N] int32
+    codes, row_scale, cols = _quantize_rows_codes(x2, threshold)  # [M, K] integers in fp32, [M], [n_out]
+    if _int8_units(x2):
+        acc = int8_matmul(codes.to(torch.int8), w_int8).float()  # [M, N], int32 accumulate
+    else:
+        # no int8 instructions: the same integer matmul in fp32 on the codes (exact, see the module
+        # docstring), skipping the round trip through int8 and int32 that would change no value
+        acc = codes @ w_int8.float().t()  # [M, N]
 
-    # dequantize: y = acc * s_x[m] * s_w[n] / 127^2 (+ b); the int32 * fp32 multiply promotes in one pass
-    y = acc * (row_scale / (INT8_MAX * INT8_MAX))[:, None]  # [M, N] fp32
+    # dequantize: y = acc * s_x[m] * s_w[n] / 127^2 (+ b)
+    y = acc.mul_((row_scale / (INT8_MAX * INT8_MAX))[:, None])  # [M, N] fp32
     y.mul_(w_scale.float())
     if bias is not None:
         y.add_(bias.float())
