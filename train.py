@@ -24,7 +24,7 @@ def parse_args(argv=None) -> TrainConfig:
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     try:
-        summary = run(cfg)
+        summary = run(cfg)  # with --plan-memory: prints the plan, returns {"plan": ...}, loads nothing
     except (ValueError, OSError, RewardError) as e:  # bad flags, files, checkpoints, reward functions
         if os.environ.get("MINIRLHF_DEBUG"):
             raise
@@ -34,6 +34,8 @@ def main(argv=None) -> int:
         print("train.py: interrupted; the run folder keeps its last complete checkpoint "
               "(continue with --resume RUN_FOLDER)", file=sys.stderr)
         return 130
+    if cfg.plan_memory:
+        return 0
     before, after = summary["before"], summary["after"]
     print(f"\nrun folder: {summary['out']}")
     print("| metric | before | after |\n|---|---|---|")

@@ -122,6 +122,11 @@ class TrainConfig:
     """Continue the run in this folder from its latest checkpoint."""
     save_every: int = 50
     """Write a checkpoint every N steps (and at the end)."""
+    plan_memory: bool = False
+    """Print how much memory this run needs (int8 weights, float parts, LoRA, AdamW, KV cache, activations, with and
+    without gradient checkpointing) against the device's memory, reading only config.json, and exit."""
+    memory_gb: float = 0.0
+    """Memory budget in GB (1e9 bytes) for --plan-memory; 0 = this device's memory (the GPU's, else the RAM)."""
 
 
 def add_dataclass_flags(parser, cls) -> None:
@@ -172,6 +177,8 @@ def validate(cfg: TrainConfig) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
     if not 0 < cfg.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {cfg.top_p}")
+    if not cfg.memory_gb >= 0:  # also refuses NaN
+        raise UsageError(f"--memory-gb must be positive (or 0 for this device's memory), got {cfg.memory_gb}")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
 
@@ -255,6 +262,12 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
     from .trainer import PPOTrainer
 
     validate(cfg)
+    if cfg.plan_memory:  # the answer comes from config.json alone: no weights are read
+        from .memory import format_plan, plan_for
+
+        plan = plan_for(cfg)
+        print(format_plan(plan))
+        return {"plan": plan}
     out = cfg.resume or cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     if cfg.resume and not os.path.isdir(cfg.resume):
         raise UsageError(f"--resume {cfg.resume}: no such run folder")

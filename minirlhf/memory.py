@@ -1,0 +1,494 @@
+"""Will this RLHF run fit? The memory of one PPO run, planned from config.json alone.
+
+`python train.py --model EleutherAI/gpt-neox-20b --plan-memory` answers before you download 40 GB:
+it reads config.json (nothing else; for a Hub id only that file is fetched), builds the model on
+PyTorch's "meta" device (shapes, no memory) with the same code that will load it, and adds up what
+the run holds. The seed's rule "about 1 GB per billion parameters in int8", done exactly.
+
+Notation: L blocks, C hidden size, H heads, D = C / H, F MLP width, V vocabulary; s bytes per
+float of the run's dtype (fp32 4, bf16/fp16 2; train.py's --dtype auto is bf16 on a GPU, fp32 on
+a CPU: config.json's torch_dtype only says how the *file* stores the weights). B rollouts per step
+(--batch-size, or --eval-size if larger: evaluation samples that many at once), b rows per
+minibatch (--mini-batch-size), P = --max-prompt-tokens, N = --max-new-tokens, T = P + N.
+MB = 1e6 bytes and GB = 1e9 bytes (a "24 GB" card has 24 GiB = 25.8 GB).
+
+Held for the whole run
+    int8 weights      every block's query_key_value, attention.dense, dense_h_to_4h, dense_4h_to_h:
+                      L * (4C^2 + 2CF) params * 1 byte                          (int8.py)
+    int8 row scales   one fp32 absmax per output row: L * (5C + F) * 4 bytes
+    float parts       embed_in [V, C] and embed_out [V, C] (once if tied), LayerNorms, biases, in s
+                      bytes: checkpoint.py keeps them in floating point, as load_in_8bit does
+    LoRA A, B         r * (in + out) per adapted layer, fp32 whatever the base (lora.py)
+    AdamW state       exp_avg + exp_avg_sq: 2 * 4 bytes per trainable parameter (LoRA + value head)
+    value head        Linear(C, 1), fp32
+    reward model      a GPT-NeoX reward model (--reward default or a folder / Hub id) in fp32
+    runtime (CPU)     the interpreter, torch and the libraries a run imports, RUNTIME_CPU_MB below
+
+Peaks that come and go; only the largest adds to the total
+    loading           quantizing one layer: its fp32 copy, |W| or the scaled W, and the int8 codes,
+                      9 bytes per parameter of the largest layer [F, C]. On a CPU the checkpoint
+                      file is memory-mapped by safetensors and its pages count in RSS while loading;
+                      when the file already holds the run's dtype (fp32 file, fp32 run) the float
+                      tensors are views of the mapping, so it stays, with the pages the int8 layers
+                      were quantized from: then those count for the whole run.
+    generation        KV cache 2 * L * [B, H, T, D] * s, plus the prompt's forward pass (one block
+                      at a time, no gradients: ~(9C + 2F) * B * P values) and the sampling of each
+                      token from [B, V] fp32 logits (~5 copies: softmax, cumsum, masks).
+    update            one minibatch forward + backward:
+      activations     what autograd keeps for backward, per token of a block whose input needs a
+                      gradient (every block from the first adapted one on), in s bytes:
+                        block input C (both LayerNorms) + fused qkv 3C (v is a view of it)
+                        + rotated q, k 2C + attention output C + GELU input F      = 7C + F
+                        + the causal mask SDPA keeps as a float bias, T per token
+                        + each adapted layer's input in fp32 (the adapter runs in fp32) + r
+                      The first adapted block keeps only the part behind its adapters; the final
+                      LayerNorm keeps its input (C) and the value head its fp32 input. Frozen
+                      Int8Linear layers keep no input: their weight gets no gradient. (Checked
+                      against torch.autograd.graph.saved_tensors_hooks in tests/test_memory.py.)
+                      With gradient checkpointing each block keeps only its input (C per token)
+                      and recomputes the rest during backward, one block at a time.
+      logits          [b, N, V] fp32 at response positions only (trainer.forward_pass): the
+                      logits, the softmax of the entropy / logsumexp backward, and the gradient
+                      of the log-probs scattered back: 4 copies.
+      int8 backward   dL/dx = dL/dy @ W needs W dequantized: fp32 codes times scales, 8 bytes
+                      per parameter of the largest layer, one layer at a time (int8.py).
+      gradients       of one block's activations while backward runs through it (~ what it
+                      kept), and of the trainable parameters (4 bytes each; AdamW's foreach step
+                      on a GPU makes one more parameter-sized temporary).
+
+Total = held + the largest of the three phases, with and without gradient checkpointing.
+
+What is estimated, honestly: activation and working-set counts follow the code's tensors, not a
+trace of the allocator. On a CPU the measured number is the process's peak RSS (VmHWM), which also
+holds the runtime (measured: RUNTIME_CPU_MB) and the C library's free-but-kept heap; the planner
+is tested to be within 15% of it for the embedded model and a Pythia-70m-shaped one
+(tests/test_memory.py). On a GPU the comparable number is torch.cuda.max_memory_allocated, which
+excludes the CUDA context (a few hundred MB, outside the allocator) and the caching allocator's
+fragmentation; the GPU plan has not been measured yet (no GPU was available to this project).
+Not counted: a `module:function` reward's own memory, and the scoring passes of the rollout
+(no gradients; they need less than the update).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from .config import ConfigError, NeoXConfig
+
+MB, GB = 1e6, 1e9
+# Peak RSS (MB) of `train.py` on a model too small to matter (measure_runtime_mb below): Python,
+# torch (including what torch imports the first time a module is built on the meta device, ~150 MB),
+# tokenizers, tqdm, VADER and matplotlib. Measured on this project's 2-core Xeon, torch 2.13.0 CPU,
+# Python 3.11, OMP_NUM_THREADS=1: 457.8 and 458.1 MB in two runs. Re-measure after upgrading torch:
+#     python -c "from minirlhf.memory import measure_runtime_mb; print(measure_runtime_mb())"
+RUNTIME_CPU_MB = 458.0
+BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+INT8_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+
+
+class PlanError(ValueError):
+    """A model, config.json or flag the planner cannot use; the message names it."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading config.json: a folder, a config.json path, "default", or a Hub id (config.json only)
+# ------------------------------------------------------------------------------------------------
+
+def config_path(name_or_path: str) -> str:
+    """The local config.json of a model folder, a config.json path, or a Hub id (downloads that one
+    file into the Hugging Face cache; HF_HUB_OFFLINE=1 reads the cache only)."""
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, "config.json")
+        if not os.path.isfile(path):
+            raise PlanError(f"{path}: file not found (a model folder needs config.json)")
+        return path
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or not name_or_path
+    if looks_local or name_or_path.endswith(".json"):
+        raise PlanError(f"{name_or_path}: no such folder or file")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return hf_hub_download(repo_id=name_or_path, filename="config.json")
+    except LocalEntryNotFoundError:
+        raise PlanError(f"{name_or_path}: not a local folder, and its config.json is not in the Hugging Face "
+                        "cache (offline, or the Hub could not be reached)") from None
+    except HFValidationError:
+        raise PlanError(f"{name_or_path}: not a local folder and not a valid Hub id") from None
+    except EntryNotFoundError:
+        raise PlanError(f"{name_or_path}: the Hub repository has no config.json") from None
+    except Exception as e:  # repository not found, gated, HTTP errors: one line each
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise PlanError(f"{name_or_path}: could not download config.json from the Hub "
+                        f"({type(e).__name__}: {first})") from None
+
+
+def read_config(name_or_path: str) -> tuple[NeoXConfig, dict, str]:
+    """(NeoXConfig, the raw JSON, its path) of a folder, config.json path or Hub id."""
+    path = config_path(name_or_path)
+    config = NeoXConfig.from_json(path)  # ConfigError names the file
+    with open(path, encoding="utf-8") as f:
+        return config, json.load(f), path
+
+
+def file_bytes_per_param(raw: dict, config_file: str, n_params: int) -> int:
+    """Bytes per float in the checkpoint file: config.json's torch_dtype (transformers 5: dtype); else
+    the size of the safetensors files beside it (their sizes, never their contents); else 4 (fp32)."""
+    name = raw.get("torch_dtype") or raw.get("dtype")
+    if name in BYTES:
+        return BYTES[name]
+    folder = os.path.dirname(config_file)
+    size = sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder) if n.endswith(".safetensors"))
+    return 2 if 0 < size <= 2.5 * n_params else 4
+
+
+# ------------------------------------------------------------------------------------------------
+# The model on the meta device: the exact parameters the run will hold
+# ------------------------------------------------------------------------------------------------
+
+def meta_model(config: NeoXConfig, cfg, dtype: torch.dtype):
+    """CausalLM with int8 blocks (if cfg.int8) and cfg's LoRA adapters, on the meta device: every
+    parameter has its real shape and dtype and no storage. Same code as train.run: load_model's
+    layer choice and add_lora's target rules (so a bad --lora-targets fails here the same way)."""
+    from .int8 import Int8Linear
+    from .lora import add_lora
+    from .neox import CausalLM
+
+    with torch.device("meta"):
+        model = CausalLM(config).to(dtype)
+        if cfg.int8:
+            for name, module in list(model.named_modules()):
+                if name.startswith("gpt_neox.layers.") and name.endswith(INT8_LINEARS):
+                    int8 = Int8Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                      dtype=dtype)
+                    parent, _, leaf = name.rpartition(".")
+                    setattr(model.get_submodule(parent), leaf, int8)
+    targets = "all-linear" if cfg.lora_targets == "all-linear" else tuple(cfg.lora_targets.split(","))
+    add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets,
+             layers=cfg.lora_layers or None)
+    return model
+
+
+def _param_bytes(model) -> dict:
+    """Bytes per kind of tensor, each tensor once (a tied head is embed_in's matrix)."""
+    from .int8 import Int8Linear
+
+    out = dict(int8=0, int8_params=0, scales=0, embeddings=0, other_float=0, lora=0, lora_params=0,
+               largest_int8=0)
+    embed_ids = {id(model.gpt_neox.embed_in.weight), id(model.embed_out.weight)}
+    for name, p in {id(p): (n, p) for n, p in model.named_parameters()}.values():
+        nbytes = p.numel() * p.element_size()
+        if p.dtype == torch.int8:
+            out["int8"] += nbytes
+            out["int8_params"] += p.numel()
+        elif p.requires_grad:
+            out["lora"] += nbytes
+            out["lora_params"] += p.numel()
+        elif id(p) in embed_ids:
+            out["embeddings"] += nbytes
+        else:
+            out["other_float"] += nbytes
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            out["scales"] += m.weight_scale.numel() * 4
+            out["largest_int8"] = max(out["largest_int8"], m.weight.numel())
+    return out
+
+
+def _adapted(model, config: NeoXConfig) -> list[set]:
+    """Per block, the set of its linear layers that carry an adapter ("query_key_value", ...)."""
+    from .lora import lora_modules
+
+    per_block = [set() for _ in range(config.num_hidden_layers)]
+    for name, _ in lora_modules(model):
+        parts = name.split(".")  # gpt_neox.layers.{i}.{attention|mlp}.{layer}
+        if len(parts) > 3 and parts[1] == "layers":
+            per_block[int(parts[2])].add(parts[-1])
+    return per_block
+
+
+def saved_per_token(config: NeoXConfig, adapted: set, grad_in: bool, s: int, r: int, dropout: float,
+                    T: int) -> float:
+    """Bytes that autograd keeps for backward per token of one block (no checkpointing), T tokens a row.
+
+    grad_in: the block's input needs a gradient (an earlier block has adapters). The adapter path
+    runs in fp32 (4 bytes) whatever s is, and dropout on it keeps a 1-byte mask too.
+    """
+    C, F, H = config.hidden_size, config.intermediate_size, config.num_attention_heads
+    lora_in = {"query_key_value": C, "dense": C, "dense_h_to_4h": C, "dense_4h_to_h": F}
+    total = 0.0
+    if grad_in:
+        total += C * s + 2 * 8  # the block input, kept by both LayerNorms, + their fp32 mean and 1/std
+        if not config.use_parallel_residual:
+            total += C * s + 8  # x + attention: the second LayerNorm's own input
+    if grad_in or "query_key_value" in adapted:
+        total += 6 * C * s  # fused qkv [.., 3C] (v is a view of it), rotated q and k, attention output
+        total += T * s + H * 4  # SDPA keeps the causal mask as a float bias [b, 1, T, T] and a logsumexp
+    if grad_in or "dense_h_to_4h" in adapted:
+        total += F * s  # GELU's input
+    for name in adapted:
+        total += lora_in[name] * (4 + (1 if dropout > 0 else 0)) + r * 4  # adapter input, mask, A's output
+    return total
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan
+# ------------------------------------------------------------------------------------------------
+
+def target(cfg) -> tuple[str, str]:
+    """(device type, float dtype name) the run would use, as train.pick_device decides them, except
+    that `--device cuda` may be planned on a machine without CUDA (that is the point)."""
+    if cfg.device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        device = "cuda" if cfg.device.startswith("cuda") else cfg.device
+    if device not in ("cpu", "cuda"):
+        raise PlanError(f"--device {cfg.device}: the planner knows cpu and cuda")
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    if device == "cpu" and dtype == "float16":
+        raise PlanError("--dtype float16 on CPU: train.py refuses it (fp16 matmuls are ~500x slower there)")
+    return device, dtype
+
+
+def budget_bytes(cfg, device: str) -> tuple[float, str]:
+    """(bytes, where the number comes from): --memory-gb, else the GPU's memory, else the RAM."""
+    if not cfg.memory_gb >= 0:  # also refuses NaN
+        raise PlanError(f"--memory-gb must be positive (or 0 for this device's memory), got {cfg.memory_gb}")
+    if cfg.memory_gb > 0:
+        return cfg.memory_gb * GB, "--memory-gb"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise PlanError("--device cuda on a machine without CUDA: give the GPU's memory with --memory-gb")
+        index = 0 if cfg.device == "auto" else (torch.device(cfg.device).index or 0)
+        props = torch.cuda.get_device_properties(index)
+        return float(props.total_memory), f"{props.name}, torch.cuda total_memory"
+    with open("/proc/meminfo") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+    return kb * 1024.0, "this machine's RAM, /proc/meminfo MemTotal"
+
+
+def reward_model_params(spec: str) -> tuple[int, str] | None:
+    """(parameters, name) of a GPT-NeoX reward model the run would load (fp32), or None."""
+    if spec == "vader" or ":" in spec and not os.path.exists(spec):
+        return None
+    if spec == "default":
+        from .train import DEFAULT_DIR
+
+        spec = os.path.join(DEFAULT_DIR, "rm")
+    config, _, _ = read_config(spec)
+    C, F, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    bias = 4 * C if config.attention_bias else 0
+    per_block = 4 * C * C + 2 * C * F + bias + F + C + 4 * C  # linears, biases, two LayerNorms
+    return V * C + L * per_block + 2 * C + C * config.num_labels, spec
+
+
+def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[float, str] | None = None,
+                reward: tuple[int, str] | None = None, model_name: str = "") -> dict:
+    """The plan: rows (component, shape, bytes without / with gradient checkpointing, phase) and
+    totals. file_bytes: bytes per float in the checkpoint file (0 = fp32)."""
+    device, dtype_name = target(cfg)
+    s = BYTES[dtype_name]
+    fb = file_bytes or 4
+    model = meta_model(config, cfg, getattr(torch, dtype_name))
+    pb = _param_bytes(model)
+    L, C, H, D = config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.head_size
+    F, V = config.intermediate_size, config.vocab_size
+    B, b = max(cfg.batch_size, cfg.eval_size), cfg.mini_batch_size
+    P, N = cfg.max_prompt_tokens, cfg.max_new_tokens
+    T = P + N
+    trainable = pb["lora_params"] + C + 1  # adapters + value head
+    rows = []
+
+    def row(phase, name, shape, plain, ckpt=None):
+        rows.append(dict(phase=phase, name=name, shape=shape, plain=float(plain),
+                         ckpt=float(plain if ckpt is None else ckpt)))
+
+    # held for the whole run
+    n_int8 = pb["int8_params"]
+    if cfg.int8:
+        row("held", "int8 weights (blocks' linear layers)", f"{n_int8 / 1e6:,.1f}M params x 1 B", pb["int8"])
+        row("held", "int8 row scales", f"{L} x (5C + F) x fp32", pb["scales"])
+    row("held", f"float parts: embeddings + head ({dtype_name})",
+        f"[{V}, {C}] x {1 if config.tie_word_embeddings else 2}", pb["embeddings"])
+    row("held", f"float parts: norms, biases{'' if cfg.int8 else ', linear layers'} ({dtype_name})",
+        f"{(pb['other_float'] // s) / 1e6:,.2f}M params", pb["other_float"])
+    row("held", "LoRA A, B (fp32)", f"{pb['lora_params'] / 1e6:,.2f}M params, r={cfg.lora_r}", pb["lora"])
+    row("held", "AdamW state (exp_avg, exp_avg_sq)", f"2 x {trainable / 1e6:,.2f}M x fp32", 8 * trainable)
+    row("held", "value head (fp32)", f"Linear({C}, 1)", 4 * (C + 1))
+    if reward:
+        row("held", "reward model (fp32)", f"{reward[0] / 1e6:,.2f}M params", 4 * reward[0])
+    n_params = pb["int8_params"] + (pb["embeddings"] + pb["other_float"]) // s  # what the file holds
+    aliased = device == "cpu" and fb == s
+    if aliased and cfg.int8:
+        # same dtype in file and run: the float tensors are views of the mapped file, the mapping stays,
+        # and the pages the int8 layers were quantized from stay resident with it
+        row("held", "checkpoint pages still mapped (CPU)", f"{n_int8 / 1e6:,.1f}M x {fb} B", n_int8 * fb)
+    if device == "cpu":
+        row("held", "runtime: python + torch (CPU process)", "measured, RUNTIME_CPU_MB", RUNTIME_CPU_MB * MB)
+
+    # loading
+    if device == "cpu" and not aliased:
+        row("loading", "checkpoint file, memory-mapped (CPU)", f"{n_params / 1e6:,.1f}M x {fb} B", n_params * fb)
+    if cfg.int8:
+        per = 5 if aliased else 9
+        row("loading", "quantizing the largest layer", f"[{F}, {C}] x {per} B", per * pb["largest_int8"])
+
+    # generation
+    row("generation", "KV cache", f"2 x {L} x [{B}, {H}, {T}, {D}] x {s} B", 2 * L * B * H * T * D * s)
+    prefill = B * P * (9 * C + 2 * F) * s
+    if device == "cpu":
+        prefill += B * H * P * P * 4  # attention scores of the prompt
+        if cfg.int8:  # the int8 product runs as an fp32 GEMM: codes, int32 result, fp32 output, fp32 W copy
+            prefill += B * P * (5 * C + 8 * F) + 4 * pb["largest_int8"]
+    sampling = 5 * B * V * 4
+    row("generation", "prompt forward pass or token sampling", f"[{B}, {P}] or 5 x [{B}, {V}] fp32",
+        max(prefill, sampling))
+
+    # update
+    adapted = _adapted(model, config)
+    first = next(i for i, a in enumerate(adapted) if a)
+    per_block = [saved_per_token(config, adapted[i], i > first, s, cfg.lora_r, cfg.lora_dropout, T)
+                 for i in range(L)]
+    head = b * T * (C * s + 8) + b * N * C * 4  # final LayerNorm's input; the value head's fp32 input
+    kept = b * T * sum(per_block) + head
+    kept_ckpt = b * T * ((L - first) * C * s + max(per_block)) + head
+    row("update", "activations kept for backward", f"{L - first} blocks x [{b}, {T}] (ckpt: inputs + 1 block)",
+        kept, kept_ckpt)
+    row("update", "logits at response positions", f"4 x [{b}, {N}, {V}] fp32", 4 * b * N * V * 4)
+    row("update", "gradients through one block", f"[{b}, {T}] x one block's activations",
+        b * T * max(per_block))
+    if cfg.int8:
+        row("update", "int8 backward: one dequantized weight", f"[{F}, {C}] x 8 B", 8 * pb["largest_int8"])
+    temps = 2 if device == "cuda" else 1  # gradients, + AdamW's foreach temporaries on a GPU
+    row("update", "parameter gradients (+ AdamW temporaries)", f"{temps} x {trainable / 1e6:,.2f}M fp32",
+        4 * temps * trainable)
+
+    totals = {}
+    for key in ("plain", "ckpt"):
+        held = sum(r[key] for r in rows if r["phase"] == "held")
+        phases = {ph: sum(r[key] for r in rows if r["phase"] == ph) for ph in ("loading", "generation", "update")}
+        peak = max(phases, key=phases.get)
+        totals[key] = dict(held=held, phases=phases, peak_phase=peak, total=held + phases[peak])
+    plan = dict(model=model_name, device=device, dtype=dtype_name, rows=rows, totals=totals, int8=cfg.int8,
+                checkpointing=bool(getattr(cfg, "gradient_checkpointing", False)), budget=budget,
+                settings=dict(batch=cfg.batch_size, generation_batch=B, mini_batch=b, prompt=P, response=N,
+                              lora_r=cfg.lora_r, lora_targets=cfg.lora_targets, int8_params=n_int8,
+                              params=n_params))
+    return plan
+
+
+def verdict(total: float, budget: float) -> str:
+    if total <= budget:
+        return f"fits in {budget / GB:.1f} GB with {(budget - total) / GB:.1f} GB to spare"
+    return f"does not fit: needs {total / GB:.1f} GB, {(total - budget) / GB:.1f} GB over {budget / GB:.1f} GB"
+
+
+def format_plan(plan: dict) -> str:
+    """The plan as an aligned text table, totals, budget and verdict."""
+    st = plan["settings"]
+    lines = [f"Memory plan for {plan['model'] or 'the model'} on {plan['device']}: "
+             f"{'int8 blocks, ' if plan['int8'] else ''}{plan['dtype']} float parts, "
+             f"{st['params'] / 1e6:,.1f}M parameters",
+             f"batch {st['batch']} (generation {st['generation_batch']}), mini-batch {st['mini_batch']}, "
+             f"prompt <= {st['prompt']} + response <= {st['response']} tokens, "
+             f"LoRA r={st['lora_r']} on {st['lora_targets']}", ""]
+    w = (46, 44, 12, 12)
+    head = f"{'component':<{w[0]}}{'shape':<{w[1]}}{'MB':>{w[2]}}{'MB, ckpt':>{w[3]}}"
+    lines += [head, "-" * len(head)]
+    titles = {"held": "held for the whole run", "loading": "peak while loading",
+              "generation": "peak while generating", "update": "peak of a minibatch update"}
+    for phase in ("held", "loading", "generation", "update"):
+        lines.append(f"[{titles[phase]}]")
+        for r in (r for r in plan["rows"] if r["phase"] == phase):
+            lines.append(f"  {r['name']:<{w[0] - 2}}{r['shape']:<{w[1]}}{r['plain'] / MB:>{w[2]},.1f}"
+                         f"{r['ckpt'] / MB:>{w[3]},.1f}")
+        if phase != "held":
+            a, c = plan["totals"]["plain"]["phases"][phase], plan["totals"]["ckpt"]["phases"][phase]
+            lines.append(f"  {'= ' + phase:<{w[0] + w[1] - 2}}{a / MB:>{w[2]},.1f}{c / MB:>{w[3]},.1f}")
+    lines.append("-" * len(head))
+    a, c = plan["totals"]["plain"], plan["totals"]["ckpt"]
+    lines.append(f"{'total = held + largest peak':<{w[0] + w[1]}}{a['total'] / MB:>{w[2]},.1f}{c['total'] / MB:>{w[3]},.1f}")
+    lines.append(f"  largest peak: {a['peak_phase']} without gradient checkpointing, {c['peak_phase']} with it")
+    if plan["device"] == "cuda":
+        lines.append("  not counted on a GPU: the CUDA context (a few hundred MB) and allocator fragmentation")
+    if plan["budget"]:
+        budget, source = plan["budget"]
+        lines.append(f"budget: {budget / GB:.1f} GB ({source})")
+        mode = "with" if plan["checkpointing"] else "without"
+        other = "without" if plan["checkpointing"] else "with"
+        main, alt = (c, a) if plan["checkpointing"] else (a, c)
+        lines.append(f"verdict: {verdict(main['total'], budget)} ({mode} gradient checkpointing, as configured); "
+                     f"{other} it: {verdict(alt['total'], budget)}")
+    return "\n".join(lines)
+
+
+def plan_for(cfg) -> dict:
+    """train.py --plan-memory: read config.json of cfg.model (and of a reward model), plan, no weights."""
+    from .train import DEFAULT_DIR
+
+    name = os.path.join(DEFAULT_DIR, "lm") if cfg.model == "default" else cfg.model
+    config, raw, path = read_config(name)
+    device, _ = target(cfg)
+    budget = budget_bytes(cfg, device)
+    fb = file_bytes_per_param(raw, path, _count_params(config))
+    try:
+        return plan_memory(config, cfg, fb, budget, reward_model_params(cfg.reward), cfg.model)
+    except ValueError as e:  # add_lora's target / layer errors on the meta model
+        if isinstance(e, (PlanError, ConfigError)):
+            raise
+        raise PlanError(f"--lora-targets / --lora-layers: {e}") from None
+
+
+def _count_params(config: NeoXConfig) -> int:
+    C, F, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    return V * C * (1 if config.tie_word_embeddings else 2) + L * (4 * C * C + 2 * C * F)
+
+
+# ------------------------------------------------------------------------------------------------
+# Measuring the runtime constant
+# ------------------------------------------------------------------------------------------------
+
+RUNTIME_PROBE = r"""
+import os, sys
+from minirlhf.checkpoint import save_model
+from minirlhf.config import NeoXConfig
+from minirlhf.neox import CausalLM, init_weights
+from minirlhf.train import DEFAULT_DIR, TrainConfig, run
+folder = sys.argv[1]
+lm = os.path.join(DEFAULT_DIR, "lm")
+config = NeoXConfig(vocab_size=4096, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=32, max_position_embeddings=128, eos_token_id=0, bos_token_id=0, pad_token_id=1)
+model = CausalLM(config)
+init_weights(model)
+save_model(model, os.path.join(folder, "m"), tokenizer_folder=lm)
+del model
+open("/proc/self/clear_refs", "w").write("5")  # forget the peak of building it
+run(TrainConfig(model=os.path.join(folder, "m"), reward="vader", steps=1, batch_size=2, mini_batch_size=1,
+                ppo_epochs=1, eval_size=2, min_new_tokens=2, max_new_tokens=4, out=os.path.join(folder, "run")),
+    progress=False)
+print([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1])
+"""
+
+
+def measure_runtime_mb() -> float:
+    """Peak RSS (MB) of a real `train.run` on a 70k-parameter model in a fresh process: what the
+    interpreter, torch and the libraries cost before any tensor of note. RUNTIME_CPU_MB is this."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this minirlhf, not another install
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run([sys.executable, "-c", RUNTIME_PROBE, tmp], capture_output=True, text=True, env=env,
+                             cwd=tmp, timeout=300)
+    if out.returncode:
+        raise RuntimeError(f"runtime probe failed: {out.stderr.strip().splitlines()[-1:]}")
+    return int(out.stdout.split()[-1]) * 1024 / MB
+
+
+__all__ = ["PlanError", "RUNTIME_CPU_MB", "read_config", "meta_model", "saved_per_token", "plan_memory",
+           "format_plan", "plan_for", "verdict", "measure_runtime_mb"]
