@@ -3,12 +3,16 @@
 Every flag is a field of minirlhf.train.TrainConfig; --help prints each field's documentation.
 With no flags it runs the embedded default: a small GPT-NeoX trained on movie-review snippets,
 taught by PPO to write positive reviews, scored by a reward model trained on human ratings.
+
+Data parallel: `torchrun --nproc_per_node=N train.py [flags]` runs N processes (GPUs: one each, NCCL;
+CPU: gloo); --batch-size is the global batch, split evenly between them (minirlhf/distributed.py).
 """
 
 import argparse
 import os
 import sys
 
+from minirlhf import distributed
 from minirlhf.rewards import RewardError
 from minirlhf.train import TrainConfig, add_dataclass_flags, run
 
@@ -25,16 +29,19 @@ def main(argv=None) -> int:
     cfg = parse_args(argv)
     try:
         summary = run(cfg)  # with --plan-memory: prints the plan, returns {"plan": ...}, loads nothing
-    except (ValueError, OSError, RewardError) as e:  # bad flags, files, checkpoints, reward functions
+    except (ValueError, OSError, RewardError, distributed.RankError) as e:  # flags, files, checkpoints, rewards
         if os.environ.get("MINIRLHF_DEBUG"):
             raise
-        print(f"train.py: error: {e}", file=sys.stderr)
+        where = f"[rank {distributed.rank()}] " if distributed.world_size() > 1 else ""
+        print(f"train.py: error: {where}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("train.py: interrupted; the run folder keeps its last complete checkpoint "
               "(continue with --resume RUN_FOLDER)", file=sys.stderr)
         return 130
-    if cfg.plan_memory:
+    finally:
+        distributed.shutdown()
+    if "before" not in summary:  # a memory plan, or not rank 0: nothing to report
         return 0
     before, after = summary["before"], summary["after"]
     print(f"\nrun folder: {summary['out']}")

@@ -36,14 +36,18 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(logits: torch.Tensor, generator: torch.Generator | None = None,
+           u: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row from softmax(logits) [B, V] -> [B], by inverting the CDF with one uniform number
     per row: token = first index whose cumulative probability exceeds u. (torch.multinomial draws V
     exponentials per row instead, 4x slower at Pythia's 50k vocabulary.) Tokens of probability 0
-    (filtered to -inf) can never be drawn: their CDF step is flat."""
+    (filtered to -inf) can never be drawn: their CDF step is flat. u [B] in [0, 1): given, or drawn from
+    generator."""
     probs = logits.softmax(-1)
     cdf = probs.cumsum(-1)  # [B, V]
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    if u is None:
+        u = torch.rand(probs.shape[0], generator=generator, device=probs.device)
+    u = u[:, None].to(cdf.dtype) * cdf[:, -1:]
     token = torch.searchsorted(cdf, u, right=True).squeeze(1)  # [B]
     last_possible = probs.shape[1] - 1 - (probs > 0).flip(-1).int().argmax(-1)  # guards u rounding up to 1
     return torch.minimum(token, last_possible)
@@ -53,11 +57,14 @@ def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> to
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens,
              min_new_tokens: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              do_sample: bool = True, eos_token_id: int | None = None, pad_token_id: int = 0,
-             generator: torch.Generator | None = None):
+             generator: torch.Generator | None = None, noise: torch.Tensor | None = None):
     """Continue left-padded prompts input_ids [B, P] (mask [B, P]).
 
     max_new_tokens: an int, or a LongTensor [B] of per-row limits (PPO draws response lengths
-    per row). eos_token_id=None never stops early. generator seeds the sampling.
+    per row). eos_token_id=None never stops early. generator seeds the sampling; or noise
+    [B, >= max_new_tokens] gives the uniform numbers themselves, noise[i, n] for row i's n-th token, so
+    a row's tokens depend only on its own numbers, not on which other rows share the batch (data
+    parallel ranks sample their slice of a global batch exactly as one process would; distributed.py).
     Returns (tokens [B, N], mask [B, N]) with N <= max(max_new_tokens).
     """
     if temperature <= 0:
@@ -80,7 +87,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
         if eos_token_id is not None and n < min_new_tokens:
             logits[:, eos_token_id] = float("-inf")
         if do_sample:
-            token = sample(filter_logits(logits / temperature, top_k, top_p), generator)
+            u = None if noise is None else noise[:, n]
+            token = sample(filter_logits(logits / temperature, top_k, top_p), generator, u)
         else:
             token = logits.argmax(-1)
         token = torch.where(done, pad_token_id, token)

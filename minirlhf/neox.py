@@ -26,6 +26,14 @@ Attention details that matter for matching checkpoints bit for bit:
   * KV cache for sampling: keys/values of past positions are kept in preallocated buffers
     [B, H, max_len, D] so each new token costs one position's worth of compute.
 
+Gradient checkpointing (Chen et al. 2016, arXiv 1604.06174), `GPTNeoX.gradient_checkpointing = True`:
+a training forward normally keeps every block's intermediate activations (layer-norm outputs, q/k/v,
+the MLP's [B, T, 4C] hidden layer, ...) until the backward pass needs them: memory that grows with
+layers x tokens. With checkpointing each block keeps only its input [B, T, C]; the backward pass runs
+the block's forward again to rebuild what it needs, one block at a time. About one extra forward of
+compute buys activation memory of ~one block instead of all of them. The random state is saved and
+restored around the recomputation, so dropout draws the same masks twice and the gradients are unchanged.
+
 Module names equal transformers' GPTNeoXForCausalLM / GPTNeoXForSequenceClassification, so the
 state_dict keys are the Hub checkpoint keys (checkpoint.py spells the mapping out), and LoRA
 adapter keys equal PEFT's.
@@ -37,6 +45,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ACTIVATIONS, NeoXConfig
 
@@ -167,6 +176,7 @@ class GPTNeoX(nn.Module):
         self.drop = nn.Dropout(config.hidden_dropout)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False  # recompute each block in the backward pass (see the top of this file)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
         B, T = input_ids.shape
@@ -183,8 +193,13 @@ class GPTNeoX(nn.Module):
         x = self.drop(self.embed_in(input_ids))
         cos, sin = rotary_cos_sin(self.config, position_ids, x.dtype)
         mask = attention_mask_4d(attention_mask, T)
+        # only when a backward pass will come: never while sampling (no_grad, KV cache)
+        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, mask, cache, i)
+            if checkpointing:
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)  # keeps x [B, T, C] only
+            else:
+                x = block(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length += T
         return self.final_layer_norm(x)

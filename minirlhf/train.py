@@ -13,6 +13,10 @@
                 adapter/               the trained LoRA adapter, in PEFT's format
                 value_head.safetensors
                 checkpoints/step-N/    everything needed to resume exactly (--resume runs/<name>)
+
+Under `torchrun --nproc_per_node=W train.py ...` every process runs this same job on its share of each
+batch (distributed.py): --batch-size stays the global batch, rank 0 writes the run folder, and every rank
+evaluates the same eval prompts (side by side, so it costs no time) to stay in step without waiting.
 """
 
 import ast
@@ -25,6 +29,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+
+from . import distributed as dist
 
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default")
 
@@ -47,9 +53,9 @@ class TrainConfig:
     steps: int = 100
     """PPO steps (each samples --batch-size prompts)."""
     batch_size: int = 32
-    """Rollouts per PPO step."""
+    """Rollouts per PPO step, in all: under torchrun each of the W processes samples --batch-size / W of them."""
     mini_batch_size: int = 8
-    """Rollouts per gradient step; must divide --batch-size."""
+    """Rollouts per gradient step; must divide --batch-size (and be divisible by torchrun's process count)."""
     ppo_epochs: int = 4
     """Passes over each batch of rollouts."""
     lr: float = 1e-3
@@ -116,6 +122,9 @@ class TrainConfig:
     """cpu, cuda, cuda:N, or auto (cuda when available)."""
     dtype: str = "auto"
     """Float parts of the model: float32, bfloat16, float16, or auto (bfloat16 on GPU, float32 on CPU)."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer block in the backward pass instead of keeping its activations: less memory
+    for long responses and big models, at the cost of about one more forward pass per update."""
     out: str = ""
     """Run folder; default: a new folder under runs/."""
     resume: str = ""
@@ -168,6 +177,10 @@ def validate(cfg: TrainConfig) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.batch_size % cfg.mini_batch_size:
         raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by --mini-batch-size {cfg.mini_batch_size}")
+    world = dist.world_size()  # every minibatch is shared equally by the processes torchrun started
+    if cfg.mini_batch_size % world:
+        raise UsageError(f"--mini-batch-size {cfg.mini_batch_size} is not divisible by the {world} processes "
+                         "torchrun started (each takes an equal share of every minibatch)")
     if cfg.min_new_tokens > cfg.max_new_tokens:
         raise UsageError(f"--min-new-tokens {cfg.min_new_tokens} is above --max-new-tokens {cfg.max_new_tokens}")
     if cfg.kl_estimator not in KL_ESTIMATORS:
@@ -235,7 +248,7 @@ def evaluate(trainer, prompts: list[str], judges: dict, seed: int) -> dict:
     """Sample once per eval prompt with a fixed seed and score with every judge."""
     gen = torch.Generator(device=trainer.device).manual_seed(seed)
     *_, responses = trainer.sample(prompts, trainer.cfg.max_new_tokens, gen)
-    scores = {name: fn(prompts, responses).tolist() for name, fn in judges.items()}
+    scores = {name: dist.guarded(fn, prompts, responses).tolist() for name, fn in judges.items()}
     result = {"prompts": prompts, "responses": responses, "scores": scores}
     for name, values in scores.items():
         key = "rm" if name == "reward" else name
@@ -268,6 +281,7 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
         plan = plan_for(cfg)
         print(format_plan(plan))
         return {"plan": plan}
+    main = dist.is_main()  # rank 0 writes the run folder (every rank in one process)
     out = cfg.resume or cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     if cfg.resume and not os.path.isdir(cfg.resume):
         raise UsageError(f"--resume {cfg.resume}: no such run folder")
@@ -283,6 +297,7 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
                                  f"this command has {key}={value!r}")
 
     device, dtype = pick_device(cfg)
+    device = dist.init(device)  # under torchrun: join the process group, one GPU per rank; else nothing
     torch.manual_seed(cfg.seed)
     model_path = default_path("lm") if cfg.model == "default" else cfg.model
     default_prompts = cfg.prompts == "default"
@@ -304,31 +319,36 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
         judges["vader"] = checked_reward_fn(vader_reward(include_prompt=False), "vader")  # against reward hacking
 
     trainer = PPOTrainer(model, tokenizer, reward_fn, cfg, device)
-    os.makedirs(out, exist_ok=True)
     metrics_path = os.path.join(out, "metrics.jsonl")
     eval_seed = cfg.seed + 1_000_003
     if ckpt:
-        trainer.load_checkpoint(ckpt)
-        kept = [m for m in read_metrics(metrics_path) if m["step"] <= trainer.step_count]
-        atomic_write(metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
-        with open(os.path.join(out, "eval_before.json")) as f:
-            before = json.load(f)
+        trainer.load_checkpoint(ckpt)  # every rank reads it (several machines: put the run folder on shared storage)
+        before = None
+        if main:
+            kept = [m for m in read_metrics(metrics_path) if m["step"] <= trainer.step_count]
+            atomic_write(metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
+            with open(os.path.join(out, "eval_before.json")) as f:
+                before = json.load(f)
     else:
         if os.path.exists(metrics_path):
             raise UsageError(f"--out {out}: already holds a run (metrics.jsonl); use --resume {out} or a new folder")
         before = evaluate(trainer, eval_prompts, judges, eval_seed)
-        atomic_write(os.path.join(out, "eval_before.json"), json.dumps(before, indent=2))
-        atomic_write(os.path.join(out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=2))
+        if main:
+            os.makedirs(out, exist_ok=True)
+            atomic_write(os.path.join(out, "eval_before.json"), json.dumps(before, indent=2))
+            atomic_write(os.path.join(out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=2))
 
     meta = run_meta(cfg)
     start = time.time()
     bar = tqdm(range(trainer.step_count, cfg.steps), initial=trainer.step_count, total=cfg.steps,
-               desc="PPO", disable=not progress, dynamic_ncols=True)
+               desc="PPO", disable=not (progress and main), dynamic_ncols=True)
     for step in bar:
         rows = torch.randperm(len(prompts), generator=trainer.gen, device=trainer.device)[:cfg.batch_size]
         if len(prompts) < cfg.batch_size:  # fewer prompts than rollouts: draw with replacement
             rows = torch.randint(len(prompts), (cfg.batch_size,), generator=trainer.gen, device=trainer.device)
-        stats, _ = trainer.step([prompts[i] for i in rows.tolist()])
+        stats, _ = trainer.step([prompts[i] for i in rows.tolist()])  # the same global batch on every rank
+        if not main:
+            continue
         stats = {"step": step + 1, **stats}
         append_metrics(metrics_path, stats)
         bar.set_postfix(reward=f"{stats['env/reward_mean']:+.3f}", kl=f"{stats['objective/kl']:.2f}",
@@ -337,6 +357,8 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
             trainer.save_checkpoint(os.path.join(out, "checkpoints", f"step-{step + 1:06d}"), meta)
 
     after = evaluate(trainer, eval_prompts, judges, eval_seed)
+    if not main:
+        return {"out": out}
     metrics = read_metrics(metrics_path)
     last = metrics[-5:]
     summary = {

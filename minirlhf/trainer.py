@@ -24,6 +24,11 @@ One step, with B prompts, P = padded prompt length, N = longest response:
 Everything random draws from generators this file owns (prompt choice, response lengths,
 sampling, minibatch order, dropout), and checkpoints save their states: a resumed run
 continues with the same numbers as one that never stopped.
+
+Under torchrun (distributed.py) each process runs this same code on its share of the rows:
+`prompts` is the global batch, the rollout holds this rank's rows, and the few places that need
+the whole batch (whitening, statistics, each minibatch's loss, the gradients) go through
+distributed.py's helpers, which return their input unchanged in a single process.
 """
 
 import json
@@ -36,6 +41,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import distributed as dist
 from .generate import generate
 from .lora import disable_adapters, load_adapter, save_adapter
 from .ppo import (AdaptiveKLController, FixedKLController, LengthSampler, ValueHead, compute_advantages,
@@ -44,7 +50,8 @@ from .ppo import (AdaptiveKLController, FixedKLController, LengthSampler, ValueH
 
 @dataclass
 class Rollout:
-    """What one step's sampling and scoring produced. B rows; P prompt columns; N response columns."""
+    """What one step's sampling and scoring produced. B rows (this rank's share under torchrun);
+    P prompt columns; N response columns (the longest response of all ranks)."""
     prompts: list[str]
     responses: list[str]
     query_ids: torch.Tensor  # [B, P] left-padded
@@ -83,6 +90,7 @@ class PPOTrainer:
                        else FixedKLController(cfg.init_kl_coef))
         self.lengths = LengthSampler(cfg.min_new_tokens, cfg.max_new_tokens + 1, seed=cfg.seed)
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed)  # sampling, prompts, minibatch order
+        model.gpt_neox.gradient_checkpointing = cfg.gradient_checkpointing  # recompute blocks in backward
         self.step_count = 0
 
     # ---------------------------------------------------------------- rollout
@@ -108,7 +116,7 @@ class PPOTrainer:
         shapes the update will use, so at step 0 the update's ratio is exactly 1)."""
         full = self.cfg.kl_estimator == "full"
         lp, rlp, vals, lg, rlg = [], [], [], [], []
-        for rows in torch.arange(seq.shape[0]).split(self.cfg.mini_batch_size):
+        for rows in torch.arange(seq.shape[0]).split(self.cfg.mini_batch_size // dist.world_size()):
             logprobs, values, logits, _ = self.forward_pass(seq[rows], seq_mask[rows], P, N, full)
             with disable_adapters(self.model):
                 ref_logprobs, _, ref_logits, _ = self.forward_pass(seq[rows], seq_mask[rows], P, N, full)
@@ -119,9 +127,10 @@ class PPOTrainer:
         return cat(lp), cat(rlp), cat(vals), (cat(lg) if full else None), (cat(rlg) if full else None)
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], limits, generator: torch.Generator):
+    def sample(self, prompts: list[str], limits, generator: torch.Generator | None = None, noise=None):
         """Tokenize, left-pad and sample responses with the config's sampling settings (eval mode).
-        limits: an int or a [B] tensor of response lengths. Returns ids, mask [B, P], tokens,
+        limits: an int or a [B] tensor of response lengths; the randomness: a generator, or noise
+        [B, max_new_tokens] uniform numbers (generate.py). Returns ids, mask [B, P], tokens,
         response mask [B, N] and the decoded responses."""
         cfg, tok = self.cfg, self.tokenizer
         self.model.eval()
@@ -129,15 +138,27 @@ class PPOTrainer:
         ids, mask = ids.to(self.device), mask.to(self.device)
         tokens, resp_mask = generate(self.model, ids, mask, limits, min_new_tokens=cfg.min_new_tokens,
                                      temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                     eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, generator=generator)
+                                     eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, generator=generator,
+                                     noise=noise)
         return ids, mask, tokens, resp_mask, tok.decode_batch(tokens.cpu(), resp_mask.cpu())
 
     @torch.no_grad()
     def rollout(self, prompts: list[str]) -> Rollout:
-        limits = torch.tensor([self.lengths() for _ in prompts], device=self.device)
-        ids, mask, tokens, resp_mask, responses = self.sample(prompts, limits, self.gen)
-        scores = self.reward_fn(prompts, responses).to(self.device)
-        P, N = ids.shape[1], tokens.shape[1]
+        """Sample, score and run the policy and reference passes for this rank's rows of `prompts`
+        (all of them in one process). Lengths and sampling noise are drawn for the whole batch on
+        every rank, so row i gets the same ones whichever rank holds it."""
+        limits = torch.tensor([self.lengths() for _ in prompts], device=self.device)  # [B]
+        noise = torch.rand(len(prompts), self.cfg.max_new_tokens, generator=self.gen, device=self.device)
+        mine = dist.my_rows(len(prompts))
+        prompts, limits, noise = prompts[mine], limits[mine], noise[mine]
+        ids, mask, tokens, resp_mask, responses = self.sample(prompts, limits, noise=noise)
+        # every rank pads its responses to the longest of all ranks: the gathered [B, N] tensors need one N
+        N = dist.max_over_ranks(tokens.shape[1])
+        tokens = torch.nn.functional.pad(tokens, (0, N - tokens.shape[1]), value=self.tokenizer.pad_id)
+        resp_mask = torch.nn.functional.pad(resp_mask, (0, N - resp_mask.shape[1]), value=0)
+        # the reward is user code: if it raises on one rank, every rank stops here (distributed.guarded)
+        scores = dist.guarded(self.reward_fn, prompts, responses).to(self.device)
+        P = ids.shape[1]
         seq, seq_mask = torch.cat([ids, tokens], 1), torch.cat([mask, resp_mask], 1)
         logprobs, ref_logprobs, values, logits, ref_logits = self.score_pass(seq, seq_mask, P, N)
         return Rollout(prompts, responses, ids, mask, tokens, resp_mask, scores, logprobs, ref_logprobs, values,
@@ -145,21 +166,29 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------- update
     def update(self, r: Rollout, old_values, advantages, returns) -> list[dict]:
+        """PPO epochs over the batch. r: this rank's rollout; old_values, advantages, returns: [B, N] for
+        the whole batch (compute_advantages' outputs). Returns ppo_loss's stats, one dict per minibatch."""
         cfg = self.cfg
-        seq, seq_mask, mask = r.seq, r.seq_mask, r.response_mask.float()
+        seq, seq_mask = r.seq, r.seq_mask
+        old_logprobs, mask = dist.gather_rows(r.logprobs), dist.gather_rows(r.response_mask).float()  # [B, N]
         P, N = r.query_ids.shape[1], r.response_ids.shape[1]
+        first = dist.my_rows(old_logprobs.shape[0]).start  # global index of this rank's first row
         self.model.train()  # only LoRA dropout (if any) and the model's own dropout change with this
         all_stats = []
         for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(seq.shape[0], generator=self.gen, device=self.device)
-            for rows in order.split(cfg.mini_batch_size):
-                logprobs, vpreds, logits, lse = self.forward_pass(seq[rows], seq_mask[rows], P, N)
+            for rows in minibatches(old_logprobs.shape[0], cfg.mini_batch_size, self.gen, self.device):
+                mine = rows[dist.my_rows(len(rows))] - first  # this rank's share of the minibatch, local indices
+                logprobs, vpreds, logits, lse = self.forward_pass(seq[mine], seq_mask[mine], P, N)
                 with torch.no_grad():
                     entropy = entropy_from_logits(logits, lse)
+                # The whole minibatch's numbers on every rank, gradients only through this rank's rows: the
+                # loss is the single-process loss, and summing the ranks' gradients gives its gradient.
+                logprobs, vpreds, entropy = (dist.gather_rows(t) for t in (logprobs, vpreds, entropy))
                 pg_loss, vf_loss, stats = ppo_loss(
-                    r.logprobs[rows], old_values[rows], logprobs, vpreds, entropy, mask[rows], advantages[rows],
+                    old_logprobs[rows], old_values[rows], logprobs, vpreds, entropy, mask[rows], advantages[rows],
                     returns[rows], cfg.cliprange, cfg.cliprange_value, cfg.vf_coef, cfg.ratio_threshold)
                 (pg_loss + vf_loss).backward()
+                dist.sum_gradients(self.params)
                 if cfg.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 self.optimizer.step()
@@ -173,7 +202,8 @@ class PPOTrainer:
         return all_stats
 
     def step(self, prompts: list[str]) -> tuple[dict, Rollout]:
-        """One PPO step on these prompts. Returns (stats under trl's names, the rollout)."""
+        """One PPO step on these prompts (the global batch: the same list on every rank).
+        Returns (stats under trl's names, of the global batch; this rank's rollout)."""
         cfg, t0 = self.cfg, time.time()
         r = self.rollout(prompts)
         t1 = time.time()
@@ -181,15 +211,18 @@ class PPOTrainer:
         mask = r.response_mask.float()
         logprobs, ref = (r.logits, r.ref_logits) if cfg.kl_estimator == "full" else (r.logprobs, r.ref_logprobs)
         rewards, non_score, kls = compute_rewards(r.scores, logprobs, ref, mask, kl_coef, cfg.kl_estimator)
-        values, advantages, returns = compute_advantages(r.values, rewards, mask, cfg.gamma, cfg.lam)
+        # whitening and statistics see the whole batch: gather every rank's rows ([b, N] -> [B, N])
+        scores, logprobs, values, mask, rewards, non_score, kls, query_lengths = (dist.gather_rows(t) for t in (
+            r.scores, r.logprobs, r.values, mask, rewards, non_score, kls, r.query_mask.sum(1)))
+        values, advantages, returns = compute_advantages(values, rewards, mask, cfg.gamma, cfg.lam)
         t2 = time.time()
         train_stats = self.update(r, values, advantages, returns)
         t3 = time.time()
         timing = {"time/ppo/rollout": t1 - t0, "time/ppo/compute_advantages": t2 - t1,
                   "time/ppo/optimize_step": t3 - t2, "time/ppo/total": t3 - t0}
-        stats = step_stats(r.scores, r.logprobs, non_score, kls, mask, kl_coef, train_stats,
-                           query_lengths=r.query_mask.sum(1).tolist(),
-                           response_lengths=r.response_mask.sum(1).tolist(), timing=timing)
+        stats = step_stats(scores, logprobs, non_score, kls, mask, kl_coef, train_stats,
+                           query_lengths=query_lengths.tolist(), response_lengths=mask.sum(1).tolist(),
+                           timing=timing)
         self.kl_ctl.update(stats["objective/kl"], len(prompts))
         self.step_count += 1
         return stats, r
@@ -234,6 +267,22 @@ class PPOTrainer:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.step_count = state["step"]
         return state
+
+
+def minibatches(B: int, M: int, generator: torch.Generator, device="cpu") -> torch.Tensor:
+    """One epoch's shuffled minibatches: [B / M, M] global row indices, each row of the batch once.
+
+    trl shuffles all B rows and cuts them into minibatches. We cut the batch into M strata of S = B / M
+    consecutive rows, shuffle within each stratum, and minibatch k takes the k-th shuffled row of every
+    stratum, in stratum order. Why: with W ranks each holding B / W consecutive rows (M / W whole strata),
+    every minibatch holds exactly M / W rows of every rank, in rank order. So the work is balanced, and the
+    minibatches are the same whatever the number of ranks. (The rows of a batch are interchangeable, random
+    prompts with independent samples, so this mixes them as well as one global shuffle.)
+    """
+    S = B // M
+    order = torch.rand(M, S, generator=generator, device=device).argsort(dim=1)  # a shuffle per stratum [M, S]
+    rows = order + S * torch.arange(M, device=device)[:, None]  # global rows: stratum s holds s*S .. s*S+S-1
+    return rows.T  # [S, M]: minibatch k = the k-th shuffled row of every stratum
 
 
 def _flatten_optimizer(sd: dict) -> tuple[dict, dict]:
