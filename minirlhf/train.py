@@ -58,6 +58,9 @@ class TrainConfig:
     """Rollouts per gradient step; must divide --batch-size (and be divisible by torchrun's process count)."""
     ppo_epochs: int = 4
     """Passes over each batch of rollouts."""
+    generation_batch_size: int = 0
+    """Rollouts sampled at once (0: all of them). Smaller chunks bound the KV cache, the biggest thing
+    generation holds (--plan-memory shows it); trl's PPOTrainer.generate samples 4 at a time."""
     lr: float = 1e-3
     """AdamW learning rate for the adapters and the value head."""
     weight_decay: float = 0.0
@@ -181,6 +184,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.mini_batch_size % world:
         raise UsageError(f"--mini-batch-size {cfg.mini_batch_size} is not divisible by the {world} processes "
                          "torchrun started (each takes an equal share of every minibatch)")
+    if cfg.generation_batch_size < 0:
+        raise UsageError(f"--generation-batch-size must be positive (or 0 for all at once), got {cfg.generation_batch_size}")
     if cfg.min_new_tokens > cfg.max_new_tokens:
         raise UsageError(f"--min-new-tokens {cfg.min_new_tokens} is above --max-new-tokens {cfg.max_new_tokens}")
     if cfg.kl_estimator not in KL_ESTIMATORS:

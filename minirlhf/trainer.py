@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from . import distributed as dist
@@ -131,15 +132,28 @@ class PPOTrainer:
         """Tokenize, left-pad and sample responses with the config's sampling settings (eval mode).
         limits: an int or a [B] tensor of response lengths; the randomness: a generator, or noise
         [B, max_new_tokens] uniform numbers (generate.py). Returns ids, mask [B, P], tokens,
-        response mask [B, N] and the decoded responses."""
+        response mask [B, N] and the decoded responses.
+
+        Samples --generation-batch-size rows at a time (all at once by default): the KV cache grows
+        with the rows sampled together. Each chunk keeps the whole batch's left padding, which changes
+        no logit (positions come from the mask), so the chunks' responses simply stack.
+        """
         cfg, tok = self.cfg, self.tokenizer
         self.model.eval()
         ids, mask = tok.encode_batch(prompts, max_length=cfg.max_prompt_tokens)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        tokens, resp_mask = generate(self.model, ids, mask, limits, min_new_tokens=cfg.min_new_tokens,
-                                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                     eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, generator=generator,
-                                     noise=noise)
+        limits = torch.as_tensor(limits, device=self.device).expand(len(prompts))  # [B]
+        chunk = cfg.generation_batch_size or len(prompts)
+        tokens, resp_mask = [], []
+        for rows in torch.arange(len(prompts)).split(chunk):
+            t, m = generate(self.model, ids[rows], mask[rows], limits[rows], min_new_tokens=cfg.min_new_tokens,
+                            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                            eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, generator=generator,
+                            noise=None if noise is None else noise[rows])
+            tokens.append(t), resp_mask.append(m)
+        N = max(t.shape[1] for t in tokens)  # chunks may stop at different lengths: pad to the longest
+        tokens = torch.cat([F.pad(t, (0, N - t.shape[1]), value=tok.pad_id) for t in tokens])
+        resp_mask = torch.cat([F.pad(m, (0, N - m.shape[1]), value=0) for m in resp_mask])
         return ids, mask, tokens, resp_mask, tok.decode_batch(tokens.cpu(), resp_mask.cpu())
 
     @torch.no_grad()
@@ -154,8 +168,8 @@ class PPOTrainer:
         ids, mask, tokens, resp_mask, responses = self.sample(prompts, limits, noise=noise)
         # every rank pads its responses to the longest of all ranks: the gathered [B, N] tensors need one N
         N = dist.max_over_ranks(tokens.shape[1])
-        tokens = torch.nn.functional.pad(tokens, (0, N - tokens.shape[1]), value=self.tokenizer.pad_id)
-        resp_mask = torch.nn.functional.pad(resp_mask, (0, N - resp_mask.shape[1]), value=0)
+        tokens = F.pad(tokens, (0, N - tokens.shape[1]), value=self.tokenizer.pad_id)
+        resp_mask = F.pad(resp_mask, (0, N - resp_mask.shape[1]), value=0)
         # the reward is user code: if it raises on one rank, every rank stops here (distributed.guarded)
         scores = dist.guarded(self.reward_fn, prompts, responses).to(self.device)
         P = ids.shape[1]

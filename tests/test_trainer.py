@@ -12,6 +12,8 @@ import minirlhf
 from minirlhf.lora import add_lora
 from minirlhf.rewards import RewardError, checked_reward_fn
 from minirlhf.train import TrainConfig, UsageError, run
+from minirlhf import trainer as trainer_module
+from minirlhf.generate import generate
 from minirlhf.trainer import PPOTrainer
 from tiny import hf_model, save_tokenizer
 
@@ -68,6 +70,26 @@ def test_step0_kl_is_zero_and_ratio_is_one(sharp_model):
     first = stats[0]  # the first minibatch runs before any optimizer step
     assert torch.all(first["policy/ratio"] == 1.0), first["policy/ratio"]
     assert first["policy/approxkl"].item() == 0.0 and first["policy/clipfrac"].item() == 0.0
+
+
+def test_generation_in_chunks_gives_the_same_rollouts(sharp_model, monkeypatch):
+    """--generation-batch-size samples a few rows at a time (a smaller KV cache); with the same noise
+    every row gets the same tokens as when the whole batch is sampled together."""
+    tok = minirlhf.load_tokenizer(sharp_model)
+    model = minirlhf.load_model(sharp_model)
+    prompts = PROMPTS + PROMPTS[:1]  # 7 rows: chunks of 3, 3 and 1, of different prompt lengths
+    limits = torch.tensor([6, 2, 5, 6, 3, 4, 6])
+    noise = torch.rand(len(prompts), 6, generator=torch.Generator().manual_seed(0))
+    whole = PPOTrainer(model, tok, None, config(min_new_tokens=1)).sample(prompts, limits, noise=noise)
+    calls = []
+    monkeypatch.setattr(trainer_module, "generate", lambda model, ids, *a, **kw: calls.append(len(ids)) or
+                        generate(model, ids, *a, **kw))
+    chunked = PPOTrainer(model, tok, None, config(min_new_tokens=1, generation_batch_size=3)).sample(
+        prompts, limits, noise=noise)
+    for a, b in zip(whole[:4], chunked[:4]):  # ids, mask, tokens, response mask
+        assert torch.equal(a, b)
+    assert whole[4] == chunked[4] and chunked[3].sum(1).tolist() == limits.tolist()
+    assert calls == [3, 3, 1]
 
 
 def test_toy_task_is_learned(sharp_model):
