@@ -61,7 +61,7 @@ class TrainConfig:
     generation_batch_size: int = 0
     """Rollouts sampled at once (0: all of them). Smaller chunks bound the KV cache, the biggest thing
     generation holds (--plan-memory shows it); trl's PPOTrainer.generate samples 4 at a time."""
-    lr: float = 1e-3
+    lr: float = 5e-4
     """AdamW learning rate for the adapters and the value head."""
     weight_decay: float = 0.0
     """AdamW weight decay (0 makes it trl's Adam)."""
