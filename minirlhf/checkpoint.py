@@ -43,6 +43,12 @@ LEGACY = ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_f
 # Linear layers inside the blocks: these go int8 when asked. Embeddings, LayerNorms and the head
 # stay in floating point, as transformers' load_in_8bit does.
 INT8_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+
+
+def goes_int8(module_name: str) -> bool:
+    """Whether load_model(int8=True) quantizes this module: a linear layer inside a block."""
+    return module_name.startswith("gpt_neox.layers.") and module_name.endswith(INT8_LINEARS)
+
 # Files worth fetching from the Hub: never the pickles, never the other frameworks' weights.
 HUB_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
              "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
@@ -151,8 +157,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device="cp
                                           f"(not in {', '.join(os.path.basename(f) for f in files)})")
                 tensors[n] = _read(where, disk_name, tuple(getattr(module, n).shape))
                 used.add(disk_name)
-            quantize = int8 and module_name.startswith("gpt_neox.layers.") and module_name.endswith(INT8_LINEARS)
-            if quantize:
+            if int8 and goes_int8(module_name):
                 _set_module(model, module_name, _int8_linear(tensors, threshold, dtype, device))
             else:
                 for n, t in tensors.items():

@@ -87,7 +87,6 @@ MB, GB = 1e6, 1e9
 #     python -c "from minirlhf.memory import measure_runtime_mb; print(measure_runtime_mb())"
 RUNTIME_CPU_MB = 458.0
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-INT8_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
 
 class PlanError(ValueError):
@@ -156,22 +155,23 @@ def meta_model(config: NeoXConfig, cfg, dtype: torch.dtype):
     """CausalLM with int8 blocks (if cfg.int8) and cfg's LoRA adapters, on the meta device: every
     parameter has its real shape and dtype and no storage. Same code as train.run: load_model's
     layer choice and add_lora's target rules (so a bad --lora-targets fails here the same way)."""
+    from .checkpoint import goes_int8
     from .int8 import Int8Linear
     from .lora import add_lora
     from .neox import CausalLM
+    from .train import lora_target_modules
 
     with torch.device("meta"):
         model = CausalLM(config).to(dtype)
         if cfg.int8:
             for name, module in list(model.named_modules()):
-                if name.startswith("gpt_neox.layers.") and name.endswith(INT8_LINEARS):
+                if goes_int8(name):
                     int8 = Int8Linear(module.in_features, module.out_features, bias=module.bias is not None,
                                       dtype=dtype)
                     parent, _, leaf = name.rpartition(".")
                     setattr(model.get_submodule(parent), leaf, int8)
-    targets = "all-linear" if cfg.lora_targets == "all-linear" else tuple(cfg.lora_targets.split(","))
-    add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets,
-             layers=cfg.lora_layers or None)
+    add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+             target_modules=lora_target_modules(cfg), layers=cfg.lora_layers or None)
     return model
 
 
@@ -282,10 +282,10 @@ def reward_model_params(spec: str) -> tuple[int, str] | None:
 
         spec = os.path.join(DEFAULT_DIR, "rm")
     config, _, _ = read_config(spec)
-    C, F, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
-    bias = 4 * C if config.attention_bias else 0
-    per_block = 4 * C * C + 2 * C * F + bias + F + C + 4 * C  # linears, biases, two LayerNorms
-    return V * C + L * per_block + 2 * C + C * config.num_labels, spec
+    from .neox import SequenceClassifier, count_params
+
+    with torch.device("meta"):
+        return count_params(SequenceClassifier(config)), spec
 
 
 def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[float, str] | None = None,

@@ -230,6 +230,11 @@ def pick_device(cfg):
     return device, getattr(torch, name)
 
 
+def lora_target_modules(cfg: TrainConfig):
+    """--lora-targets as add_lora takes it: "all-linear", or a tuple of layer-name suffixes."""
+    return "all-linear" if cfg.lora_targets == "all-linear" else tuple(cfg.lora_targets.split(","))
+
+
 def load_reward(spec: str, device):
     from .rewards import checked_reward_fn, load_reward_fn, reward_model_fn
 
@@ -315,9 +320,8 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
         eval_prompts = prompts[:cfg.eval_size]
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, dtype=dtype, device=device, int8=cfg.int8, threshold=cfg.int8_threshold)
-    targets = "all-linear" if cfg.lora_targets == "all-linear" else tuple(cfg.lora_targets.split(","))
-    add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets,
-             layers=cfg.lora_layers or None)
+    add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+             target_modules=lora_target_modules(cfg), layers=cfg.lora_layers or None)
     reward_fn = load_reward(cfg.reward, device)
     judges = {"reward": reward_fn}
     if cfg.reward != "vader":  # an independent judge of what the policy wrote (the response alone),

@@ -152,8 +152,8 @@ class PPOTrainer:
                             noise=None if noise is None else noise[rows])
             tokens.append(t), resp_mask.append(m)
         N = max(t.shape[1] for t in tokens)  # chunks may stop at different lengths: pad to the longest
-        tokens = torch.cat([F.pad(t, (0, N - t.shape[1]), value=tok.pad_id) for t in tokens])
-        resp_mask = torch.cat([F.pad(m, (0, N - m.shape[1]), value=0) for m in resp_mask])
+        tokens = torch.cat([pad_columns(t, N, tok.pad_id) for t in tokens])
+        resp_mask = torch.cat([pad_columns(m, N, 0) for m in resp_mask])
         return ids, mask, tokens, resp_mask, tok.decode_batch(tokens.cpu(), resp_mask.cpu())
 
     @torch.no_grad()
@@ -168,8 +168,7 @@ class PPOTrainer:
         ids, mask, tokens, resp_mask, responses = self.sample(prompts, limits, noise=noise)
         # every rank pads its responses to the longest of all ranks: the gathered [B, N] tensors need one N
         N = dist.max_over_ranks(tokens.shape[1])
-        tokens = F.pad(tokens, (0, N - tokens.shape[1]), value=self.tokenizer.pad_id)
-        resp_mask = F.pad(resp_mask, (0, N - resp_mask.shape[1]), value=0)
+        tokens, resp_mask = pad_columns(tokens, N, self.tokenizer.pad_id), pad_columns(resp_mask, N, 0)
         # the reward is user code: if it raises on one rank, every rank stops here (distributed.guarded)
         scores = dist.guarded(self.reward_fn, prompts, responses).to(self.device)
         P = ids.shape[1]
@@ -281,6 +280,11 @@ class PPOTrainer:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.step_count = state["step"]
         return state
+
+
+def pad_columns(t: torch.Tensor, N: int, value) -> torch.Tensor:
+    """Right-pad a [b, n] tensor of responses (or their mask) to [b, N] with `value`."""
+    return F.pad(t, (0, N - t.shape[1]), value=value)
 
 
 def minibatches(B: int, M: int, generator: torch.Generator, device="cpu") -> torch.Tensor:

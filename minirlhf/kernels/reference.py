@@ -186,8 +186,8 @@ def int8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Exact int8 GEMM: a [M, K] int8 times w [N, K] int8, transposed -> [M, N] int32."""
     M, K = a.shape
     N = w.shape[0]
-    on_cuda_ok = a.is_cuda and M > 16 and K % 8 == 0 and N % 8 == 0  # cuBLASLt int8 constraints
-    if on_cuda_ok or (a.device.type == "cpu" and CPU_FAST_INT_MM):
+    cublaslt_ok = not a.is_cuda or (M > 16 and K % 8 == 0 and N % 8 == 0)  # cuBLASLt int8 constraints
+    if _int8_units(a) and cublaslt_ok:
         return torch._int_mm(a, w.t())  # w.t() is [K, N] column-major: the layout oneDNN/cuBLAS want
     # fp32 matmul on integer values: exact while partial sums stay < 2^24 (see module docstring)
     return (a.float() @ w.float().t()).to(torch.int32)
