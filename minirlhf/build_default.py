@@ -85,7 +85,7 @@ class BuildConfig:
     """Reward-model learning rate."""
     prompts: int = 800
     """How many PPO prompts to cut from validation snippets."""
-    eval_prompts: int = 128
+    eval_prompts: int = 512
     """How many eval prompts to cut from test snippets."""
     seed: int = 0
     """Seed for initialisation, batches and prompt lengths."""

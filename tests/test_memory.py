@@ -68,7 +68,7 @@ def pythia70m(tmp_path_factory):
 def test_plan_is_within_15_percent_of_measured_peak_rss(which, tmp_path, request):
     if which == "default":  # train.py's defaults (batch 32, mini-batch 8, the reward model), one step
         settings = dict(steps=1, eval_size=4)
-    elif which == "default_eval":  # ... with the default 128 eval prompts sampled at once, and the prompt
+    elif which == "default_eval":  # ... with the default 512 eval prompts sampled at once, and the prompt
         # bound set to the longest shipped prompt (23 tokens): the plan assumes every prompt is that long
         settings = dict(steps=1, max_prompt_tokens=23)
     else:  # prompts longer than --max-prompt-tokens and fixed-length responses: the plan's worst case happens
