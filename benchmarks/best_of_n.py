@@ -1,7 +1,7 @@
 """Best-of-n from the embedded default: how much reward, and how much VADER agreement, a policy could buy.
 
-    python benchmarks/best_of_n.py                            # 24-token responses, n = 1, 2, 4, 8, 16
-    python benchmarks/best_of_n.py --tokens 32 --min-tokens 4
+    python benchmarks/best_of_n.py                            # train.py's lengths (4-16 tokens), n = 1 ... 16
+    python benchmarks/best_of_n.py --tokens 24 --min-tokens 8
 
 For each of the shipped eval prompts, sample n responses from the base model (int8, adapters off: the
 PPO reference) and keep the one the reward model rates highest. Best-of-n is a policy whose KL to the
@@ -24,8 +24,10 @@ from minirlhf.trainer import PPOTrainer
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=24, help="response length (eval uses --max-new-tokens)")
-    parser.add_argument("--min-tokens", type=int, default=8, help="no end-of-text before this many tokens")
+    parser.add_argument("--tokens", type=int, default=TrainConfig.max_new_tokens,
+                        help="response length (train.py's eval uses --max-new-tokens)")
+    parser.add_argument("--min-tokens", type=int, default=TrainConfig.min_new_tokens,
+                        help="no end-of-text before this many tokens")
     parser.add_argument("--n", type=int, default=16, help="largest n")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()

@@ -8,7 +8,7 @@ the run holds. The seed's rule "about 1 GB per billion parameters in int8", done
 Notation: L blocks, C hidden size, H heads, D = C / H, F MLP width, V vocabulary; s bytes per
 float of the run's dtype (fp32 4, bf16/fp16 2; train.py's --dtype auto is bf16 on a GPU, fp32 on
 a CPU: config.json's torch_dtype only says how the *file* stores the weights). B rollouts sampled
-together (--batch-size, or --eval-size if larger, capped by --generation-batch-size), b rows per
+together (--generation-batch-size, else --batch-size, for rollouts and evaluation alike), b rows per
 minibatch (--mini-batch-size), P = --max-prompt-tokens, N = --max-new-tokens, T = P + N.
 MB = 1e6 bytes and GB = 1e9 bytes (a "24 GB" card has 24 GiB = 25.8 GB).
 
@@ -300,7 +300,7 @@ def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[floa
     L, C, H, D = config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.head_size
     F, V = config.intermediate_size, config.vocab_size
     B, b = max(cfg.batch_size, cfg.eval_size), cfg.mini_batch_size
-    B = min(B, cfg.generation_batch_size or B)  # rollouts sampled together hold the KV cache
+    B = min(B, cfg.generation_batch_size or cfg.batch_size)  # rows sampled together hold the KV cache
     P, N = cfg.max_prompt_tokens, cfg.max_new_tokens
     T = P + N
     trainable = pb["lora_params"] + C + 1  # adapters + value head

@@ -60,8 +60,9 @@ class TrainConfig:
     ppo_epochs: int = 4
     """Passes over each batch of rollouts."""
     generation_batch_size: int = 0
-    """Rollouts sampled at once (0: all of them). Smaller chunks bound the KV cache, the biggest thing
-    generation holds (--plan-memory shows it); trl's PPOTrainer.generate samples 4 at a time."""
+    """Rows sampled at once, in rollouts and in the before/after evaluation (0: --batch-size). Smaller chunks
+    bound the KV cache, the biggest thing generation holds (--plan-memory shows it); trl's
+    PPOTrainer.generate samples 4 at a time. The samples do not depend on it."""
     lr: float = 5e-4
     """AdamW learning rate for the adapters and the value head."""
     weight_decay: float = 0.0
@@ -258,9 +259,11 @@ def run_meta(cfg: TrainConfig) -> dict:
 
 
 def evaluate(trainer, prompts: list[str], judges: dict, seed: int) -> dict:
-    """Sample once per eval prompt with a fixed seed and score with every judge."""
+    """Sample once per eval prompt with a fixed seed and score with every judge. The sampling noise is drawn
+    per prompt up front, so the responses do not depend on how many rows are sampled at once."""
     gen = torch.Generator(device=trainer.device).manual_seed(seed)
-    *_, responses = trainer.sample(prompts, trainer.cfg.max_new_tokens, gen)
+    noise = torch.rand(len(prompts), trainer.cfg.max_new_tokens, generator=gen, device=trainer.device)
+    *_, responses = trainer.sample(prompts, trainer.cfg.max_new_tokens, noise=noise)
     scores = {name: dist.guarded(fn, prompts, responses).tolist() for name, fn in judges.items()}
     result = {"prompts": prompts, "responses": responses, "scores": scores}
     for name, values in scores.items():

@@ -134,8 +134,8 @@ class PPOTrainer:
         [B, max_new_tokens] uniform numbers (generate.py). Returns ids, mask [B, P], tokens,
         response mask [B, N] and the decoded responses.
 
-        Samples --generation-batch-size rows at a time (all at once by default): the KV cache grows
-        with the rows sampled together. Each chunk keeps the whole batch's left padding, which changes
+        Samples --generation-batch-size rows at a time (default: --batch-size rows, so the evaluation's
+        many prompts need no more memory than a rollout): the KV cache grows with the rows sampled together. Each chunk keeps the whole batch's left padding, which changes
         no logit (positions come from the mask), so the chunks' responses simply stack.
         """
         cfg, tok = self.cfg, self.tokenizer
@@ -143,7 +143,7 @@ class PPOTrainer:
         ids, mask = tok.encode_batch(prompts, max_length=cfg.max_prompt_tokens)
         ids, mask = ids.to(self.device), mask.to(self.device)
         limits = torch.as_tensor(limits, device=self.device).expand(len(prompts))  # [B]
-        chunk = cfg.generation_batch_size or len(prompts)
+        chunk = cfg.generation_batch_size or cfg.batch_size
         tokens, resp_mask = [], []
         for rows in torch.arange(len(prompts)).split(chunk):
             t, m = generate(self.model, ids[rows], mask[rows], limits[rows], min_new_tokens=cfg.min_new_tokens,

@@ -92,6 +92,21 @@ def test_generation_in_chunks_gives_the_same_rollouts(sharp_model, monkeypatch):
     assert calls == [3, 3, 1]
 
 
+def test_evaluation_does_not_depend_on_how_many_rows_are_sampled_at_once(sharp_model):
+    """The before/after evaluation samples --batch-size rows at a time by default (so its many prompts need
+    no more memory than a rollout), or --generation-batch-size; its responses must be the same either way."""
+    from minirlhf.train import evaluate
+
+    tok = minirlhf.load_tokenizer(sharp_model)
+    model = minirlhf.load_model(sharp_model)
+    prompts = PROMPTS * 2  # 12 eval prompts
+    judges = {"length": checked_reward_fn(lambda p, r: [float(len(x)) for x in r], "length")}
+    results = [evaluate(PPOTrainer(model, tok, None, config(**kw)), prompts, judges, seed=3)
+               for kw in (dict(batch_size=12, mini_batch_size=4), dict(batch_size=4), dict(generation_batch_size=5))]
+    assert results[0]["responses"] == results[1]["responses"] == results[2]["responses"]
+    assert len(set(results[0]["responses"])) > 1  # really sampled
+
+
 def test_toy_task_is_learned(sharp_model):
     """reward = share of response tokens equal to one target token; the untrained policy gives it ~1.4%."""
     tok, target, p0 = toy_target(sharp_model)
