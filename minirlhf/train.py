@@ -88,8 +88,8 @@ class TrainConfig:
     kl_estimator: str = "kl"
     """Per-token KL estimate in the reward: kl (log p - log q), abs, mse (half squared), full (exact, whole vocab)."""
     init_kl_coef: float = 0.15
-    """Initial KL coefficient beta (trl's default is 0.2; on the embedded default, 0.2 spends only half the KL
-    budget in 100 steps and learns too little, 0.1 overshoots --target-kl: see the README)."""
+    """Initial KL coefficient beta. trl's default is 0.2; why the embedded default uses 0.15: the README's
+    notes on that run."""
     adaptive_kl: bool = True
     """Adapt beta so the KL per sequence tracks --target-kl (Ziegler et al. 2019); --no-adaptive-kl keeps it fixed."""
     target_kl: float = 6.0
