@@ -135,8 +135,9 @@ class PPOTrainer:
         response mask [B, N] and the decoded responses.
 
         Samples --generation-batch-size rows at a time (default: --batch-size rows, so the evaluation's
-        many prompts need no more memory than a rollout): the KV cache grows with the rows sampled together. Each chunk keeps the whole batch's left padding, which changes
-        no logit (positions come from the mask), so the chunks' responses simply stack.
+        many prompts need no more memory than a rollout): the KV cache grows with the rows sampled
+        together. Each chunk keeps the whole batch's left padding, which changes no logit (positions
+        come from the mask), so the chunks' responses simply stack.
         """
         cfg, tok = self.cfg, self.tokenizer
         self.model.eval()
