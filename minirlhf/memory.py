@@ -299,8 +299,9 @@ def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[floa
     pb = _param_bytes(model)
     L, C, H, D = config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.head_size
     F, V = config.intermediate_size, config.vocab_size
-    B, b = max(cfg.batch_size, cfg.eval_size), cfg.mini_batch_size
-    B = min(B, cfg.generation_batch_size or cfg.batch_size)  # rows sampled together hold the KV cache
+    # rows sampled together hold the KV cache: a chunk of a rollout or of the evaluation
+    B = min(max(cfg.batch_size, cfg.eval_size), cfg.generation_batch_size or cfg.batch_size)
+    b = cfg.mini_batch_size
     P, N = cfg.max_prompt_tokens, cfg.max_new_tokens
     T = P + N
     trainable = pb["lora_params"] + C + 1  # adapters + value head

@@ -259,11 +259,9 @@ def run_meta(cfg: TrainConfig) -> dict:
 
 
 def evaluate(trainer, prompts: list[str], judges: dict, seed: int) -> dict:
-    """Sample once per eval prompt with a fixed seed and score with every judge. The sampling noise is drawn
-    per prompt up front, so the responses do not depend on how many rows are sampled at once."""
+    """Sample once per eval prompt with a fixed seed and score with every judge."""
     gen = torch.Generator(device=trainer.device).manual_seed(seed)
-    noise = torch.rand(len(prompts), trainer.cfg.max_new_tokens, generator=gen, device=trainer.device)
-    *_, responses = trainer.sample(prompts, trainer.cfg.max_new_tokens, noise=noise)
+    *_, responses = trainer.sample(prompts, trainer.cfg.max_new_tokens, gen)
     scores = {name: dist.guarded(fn, prompts, responses).tolist() for name, fn in judges.items()}
     result = {"prompts": prompts, "responses": responses, "scores": scores}
     for name, values in scores.items():

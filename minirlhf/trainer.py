@@ -130,27 +130,29 @@ class PPOTrainer:
     @torch.no_grad()
     def sample(self, prompts: list[str], limits, generator: torch.Generator | None = None, noise=None):
         """Tokenize, left-pad and sample responses with the config's sampling settings (eval mode).
-        limits: an int or a [B] tensor of response lengths; the randomness: a generator, or noise
-        [B, max_new_tokens] uniform numbers (generate.py). Returns ids, mask [B, P], tokens,
-        response mask [B, N] and the decoded responses.
+        limits: an int or a [B] tensor of response lengths; the randomness: noise [B, max_new_tokens]
+        uniform numbers (generate.py), or a generator that draws that table up front. Returns ids,
+        mask [B, P], tokens, response mask [B, N] and the decoded responses.
 
         Samples --generation-batch-size rows at a time (default: --batch-size rows, so the evaluation's
         many prompts need no more memory than a rollout): the KV cache grows with the rows sampled
         together. Each chunk keeps the whole batch's left padding, which changes no logit (positions
-        come from the mask), so the chunks' responses simply stack.
+        come from the mask), and row i always samples with noise[i], so the chunks' responses simply
+        stack: the samples do not depend on the chunk size.
         """
         cfg, tok = self.cfg, self.tokenizer
         self.model.eval()
         ids, mask = tok.encode_batch(prompts, max_length=cfg.max_prompt_tokens)
         ids, mask = ids.to(self.device), mask.to(self.device)
         limits = torch.as_tensor(limits, device=self.device).expand(len(prompts))  # [B]
+        if noise is None:
+            noise = torch.rand(len(prompts), cfg.max_new_tokens, generator=generator, device=self.device)
         chunk = cfg.generation_batch_size or cfg.batch_size
         tokens, resp_mask = [], []
         for rows in torch.arange(len(prompts)).split(chunk):
             t, m = generate(self.model, ids[rows], mask[rows], limits[rows], min_new_tokens=cfg.min_new_tokens,
                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                            eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, generator=generator,
-                            noise=None if noise is None else noise[rows])
+                            eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, noise=noise[rows])
             tokens.append(t), resp_mask.append(m)
         N = max(t.shape[1] for t in tokens)  # chunks may stop at different lengths: pad to the longest
         tokens = torch.cat([pad_columns(t, N, tok.pad_id) for t in tokens])
