@@ -13,28 +13,27 @@ import os
 import sys
 
 from minirlhf import distributed
+from minirlhf.cli import Parser, add_dataclass_flags, fail
 from minirlhf.rewards import RewardError
-from minirlhf.train import TrainConfig, add_dataclass_flags, run
+from minirlhf.train import TrainConfig, run
 
 
 def parse_args(argv=None) -> TrainConfig:
-    parser = argparse.ArgumentParser(
-        prog="train.py", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(prog="train.py", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_dataclass_flags(parser, TrainConfig)
     return TrainConfig(**vars(parser.parse_args(argv)))
 
 
 def main(argv=None) -> int:
-    cfg = parse_args(argv)
+    cfg = parse_args(argv)  # a malformed flag exits 2 here, with one line
     try:
         summary = run(cfg)  # with --plan-memory: prints the plan, returns {"plan": ...}, loads nothing
     except (ValueError, OSError, RewardError, distributed.RankError) as e:  # flags, files, checkpoints, rewards
         if os.environ.get("MINIRLHF_DEBUG"):
             raise
         where = f"[rank {distributed.rank()}] " if distributed.world_size() > 1 else ""
-        print(f"train.py: error: {where}{e}", file=sys.stderr)
-        return 2
+        return fail("train.py", f"{where}{e}")
     except KeyboardInterrupt:
         print("train.py: interrupted; the run folder keeps its last complete checkpoint "
               "(continue with --resume RUN_FOLDER)", file=sys.stderr)

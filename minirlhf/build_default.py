@@ -25,7 +25,6 @@ with this project's own model code, from real data:
 Everything is seeded; the same command on the same machine gives the same files.
 """
 
-import argparse
 import dataclasses
 import glob
 import json
@@ -34,6 +33,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -42,18 +42,20 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from .atomic import atomic_folder
 from .checkpoint import load_model, save_model
+from .cli import Parser, UsageError, add_dataclass_flags, fail, flag
 from .config import NeoXConfig
+from .embedded import DEFAULT_DIR
 from .neox import CausalLM, SequenceClassifier, count_params, init_weights, perplexity
 from .tokenizer import Tokenizer
 
 DATA_NAME = "movieReviewSnippets_GroundTruth.txt"
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @dataclass
 class BuildConfig:
-    out: str = os.path.join(HERE, "default")
+    out: str = DEFAULT_DIR
     """Where the default lives: lm/, rm/, prompts.txt, eval_prompts.txt, build_report.json."""
     data: str = ""
     """movieReviewSnippets_GroundTruth.txt; empty = fetch the vaderSentiment 3.3.2 sdist with pip."""
@@ -95,10 +97,17 @@ def fetch_data(cfg: BuildConfig, workdir: str) -> str:
     """Path to the snippets file: --data, or extracted from the vaderSentiment sdist fetched from PyPI."""
     if cfg.data:
         if not os.path.isfile(cfg.data):
-            raise FileNotFoundError(f"--data {cfg.data}: file not found")
+            raise UsageError(f"--data {cfg.data}: file not found")
+        if not os.access(cfg.data, os.R_OK):
+            raise UsageError(f"--data {cfg.data}: not readable")
         return cfg.data
-    subprocess.run(["pip", "download", "--no-deps", "--no-binary", ":all:", "vadersentiment==3.3.2", "-d", workdir,
-                    "-q"], check=True)
+    # the pip of this interpreter (a bare `pip` may be another Python's, or missing)
+    result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                             "vadersentiment==3.3.2", "-d", workdir, "-q"], capture_output=True, text=True)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UsageError(f"could not download the vaderSentiment 3.3.2 sdist with pip ({last}); "
+                         "pass --data movieReviewSnippets_GroundTruth.txt")
     with tarfile.open(glob.glob(os.path.join(workdir, "vaderSentiment-3.3.2.tar.gz"))[0]) as sdist:
         inner = sdist.extractfile("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz")
         with tarfile.open(fileobj=inner) as resources:
@@ -291,11 +300,7 @@ def build(cfg: BuildConfig, log=print) -> dict:
     lm = pretrain(cfg, tok, train_blocks, val_blocks, log)
     rm = train_reward_model(cfg, tok, lm, data["train"], log)
 
-    parent = os.path.dirname(os.path.abspath(cfg.out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-default-", dir=parent)
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the shipped default must be readable by everyone
-    try:
+    with atomic_folder(cfg.out) as tmp:  # the shipped default is replaced whole, or not at all
         tok.save(os.path.join(tmp, "tok"))
         save_model(lm, os.path.join(tmp, "lm"), tokenizer_folder=os.path.join(tmp, "tok"), dtype=torch.float16)
         save_model(rm, os.path.join(tmp, "rm"), tokenizer_folder=os.path.join(tmp, "tok"), dtype=torch.float16)
@@ -325,22 +330,40 @@ def build(cfg: BuildConfig, log=print) -> dict:
             f.write("\n".join(make_prompts(data["test"], cfg.eval_prompts, cfg.seed + 1)) + "\n")
         with open(os.path.join(tmp, "build_report.json"), "w") as f:
             json.dump(report, f, indent=2)
-        if os.path.exists(cfg.out):
-            shutil.rmtree(cfg.out)
-        os.rename(tmp, cfg.out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
     return report
 
 
-def main(argv=None):
-    from .train import add_dataclass_flags
+def validate(cfg: BuildConfig) -> None:
+    for name in ("vocab_size", "hidden_size", "layers", "heads", "block", "lm_steps", "eval_every", "batch_size",
+                 "rm_epochs", "prompts", "eval_prompts"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"{flag(name)} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("limit", "seed"):
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"{flag(name)} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("lm_lr", "rm_lr"):
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
+            raise UsageError(f"{flag(name)} must be a finite number > 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.dropout < 1:
+        raise UsageError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.hidden_size % cfg.heads:
+        raise UsageError(f"--hidden-size {cfg.hidden_size} is not divisible by --heads {cfg.heads}")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise UsageError(f"--out {cfg.out}: exists and is not a folder")
 
-    parser = argparse.ArgumentParser(prog="python -m minirlhf.build_default", description=__doc__.split("\n\n")[0])
+
+def main(argv=None) -> int:
+    parser = Parser(prog="python -m minirlhf.build_default", description=__doc__.split("\n\n")[0])
     add_dataclass_flags(parser, BuildConfig)
-    build(BuildConfig(**vars(parser.parse_args(argv))))
+    cfg = BuildConfig(**vars(parser.parse_args(argv)))
+    try:
+        validate(cfg)
+        build(cfg)
+    except (ValueError, OSError) as e:  # bad flags, an unreadable or malformed --data, a disk error
+        return fail("python -m minirlhf.build_default", e)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -24,13 +24,13 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .atomic import atomic_folder
 from .config import ConfigError, NeoXConfig
 from .neox import CausalLM, SequenceClassifier
 
@@ -238,16 +238,12 @@ def save_model(model: nn.Module, folder: str, tokenizer_folder: str | None = Non
                dtype: torch.dtype | None = None) -> None:
     """Write config.json + model.safetensors (+ tokenizer files) so transformers loads the folder.
 
-    Written into a temporary folder beside the target, then moved into place: an interrupted save
-    never leaves a half-written checkpoint. Int8 layers are written dequantized (float), which is
-    what `from_pretrained` expects without bitsandbytes.
+    Written through atomic_folder: an interrupted save never leaves a half-written checkpoint, and an
+    existing folder is replaced only if it holds nothing but a previous save. Int8 layers are written
+    dequantized (float), which is what `from_pretrained` expects without bitsandbytes.
     """
     architecture = "GPTNeoXForSequenceClassification" if isinstance(model, SequenceClassifier) else "GPTNeoXForCausalLM"
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a saved model is an ordinary folder
-    try:
+    with atomic_folder(folder) as tmp:
         model.config.save(os.path.join(tmp, "config.json"), architecture)
         state = float_state_dict(model)
         if dtype is not None:
@@ -260,20 +256,6 @@ def save_model(model: nn.Module, folder: str, tokenizer_folder: str | None = Non
                 src = os.path.join(tokenizer_folder, name)
                 if os.path.isfile(src):
                     shutil.copyfile(src, os.path.join(tmp, name))
-        _move_into_place(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _move_into_place(tmp: str, folder: str) -> None:
-    """Rename a finished temp folder to `folder`; into an existing folder, replace file by file."""
-    if not os.path.exists(folder):
-        os.rename(tmp, folder)
-        return
-    if not os.path.isdir(folder):
-        raise CheckpointError(f"{folder}: exists and is not a folder")
-    for name in os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(folder, name))
 
 
 __all__ = ["CheckpointError", "ConfigError", "load_model", "load_config", "save_model", "resolve",

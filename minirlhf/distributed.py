@@ -55,6 +55,14 @@ import os
 
 import torch
 import torch.distributed as dist
+# Imported here, before any process group exists, on purpose. Its functions take `group=group.WORLD` as a
+# default argument, evaluated at import time; torch imports it lazily (its compiler stack does, on the first
+# op on the meta device, which load_model runs). Imported after init_process_group, those ten defaults would
+# hold the process group forever: destroy_process_group could not free it, and gloo's worker threads would
+# live on into interpreter shutdown, where one that drops a finished collective's tensors must take the GIL,
+# is stopped instead, and aborts the process ("terminate called without an active exception").
+# tests/test_distributed.py checks that no gloo thread outlives shutdown().
+import torch.distributed.nn.functional  # noqa: F401
 
 TIMEOUT = datetime.timedelta(minutes=10)  # backstop: a collective that waits longer than this raises
 
@@ -79,6 +87,7 @@ def init(device: torch.device) -> torch.device:
 
 
 def shutdown() -> None:
+    """Leave the process group and free it (its worker threads stop) while the interpreter is fully alive."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -161,6 +170,16 @@ def guarded(fn, *args):
         r, message = failed[0]
         raise RankError(f"stopped because rank {r} failed: {message}")
     return result
+
+
+def on_main(fn, *args):
+    """fn(*args) on rank 0 only (writing the run folder), guarded: if it raises (a full disk), every rank stops
+    there too, instead of waiting for rank 0 in the next collective. Other ranks get None."""
+    return guarded(fn if is_main() else _nothing, *args)
+
+
+def _nothing(*args):
+    return None
 
 
 def _comm_device() -> torch.device:

@@ -63,13 +63,13 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .atomic import atomic_folder
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -317,6 +317,11 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
     return model
 
 
+def parse_targets(spec: str):
+    """--lora-targets as add_lora takes it: "all-linear", or "a,b" -> a tuple of layer-name suffixes."""
+    return "all-linear" if spec == "all-linear" else tuple(spec.split(","))
+
+
 # ---------------------------------------------------------------------------------------------
 # Inspecting, disabling, merging
 # ---------------------------------------------------------------------------------------------
@@ -486,32 +491,18 @@ def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str 
                  task_type: str = "CAUSAL_LM") -> None:
     """Write adapter_config.json + adapter_model.safetensors (fp32 A and B) in PEFT's format.
 
-    Written into a temporary folder beside `directory` and renamed into place, so an interrupted
-    save leaves nothing half-written. Into an existing folder the two files are replaced one at a
-    time with os.replace (each file is then whole, but a crash between the two could pair a new
-    weights file with the old config).
+    Written through atomic_folder: an interrupted save leaves nothing half-written, and the previous
+    adapter in `directory` stays whole until the new one replaces it.
     """
     config = adapter_config(model, base_model_name_or_path, task_type)
     tensors = {}
     for name, m in lora_modules(model):
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().float().cpu().contiguous()
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().float().cpu().contiguous()
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-adapter-", dir=parent)
-    try:
+    with atomic_folder(directory) as tmp:
         save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=2)
-        if not os.path.exists(directory):
-            os.rename(tmp, directory)
-        elif not os.path.isdir(directory):
-            raise AdapterError(f"{directory}: exists and is not a folder")
-        else:
-            for name in (WEIGHTS_FILE, CONFIG_FILE):
-                os.replace(os.path.join(tmp, name), os.path.join(directory, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_config(directory: str) -> dict:

@@ -77,7 +77,13 @@ import tempfile
 
 import torch
 
+from . import devices
+from .checkpoint import goes_int8
 from .config import ConfigError, NeoXConfig
+from .embedded import DEFAULT_DIR
+from .int8 import Int8Linear
+from .lora import add_lora, lora_modules, parse_targets
+from .neox import CausalLM, SequenceClassifier, count_params
 
 MB, GB = 1e6, 1e9
 # Peak RSS (MB) of `train.py` on a model too small to matter (measure_runtime_mb below): Python,
@@ -155,11 +161,6 @@ def meta_model(config: NeoXConfig, cfg, dtype: torch.dtype):
     """CausalLM with int8 blocks (if cfg.int8) and cfg's LoRA adapters, on the meta device: every
     parameter has its real shape and dtype and no storage. Same code as train.run: load_model's
     layer choice and add_lora's target rules (so a bad --lora-targets fails here the same way)."""
-    from .checkpoint import goes_int8
-    from .int8 import Int8Linear
-    from .lora import add_lora
-    from .neox import CausalLM
-    from .train import lora_target_modules
 
     with torch.device("meta"):
         model = CausalLM(config).to(dtype)
@@ -171,13 +172,12 @@ def meta_model(config: NeoXConfig, cfg, dtype: torch.dtype):
                     parent, _, leaf = name.rpartition(".")
                     setattr(model.get_submodule(parent), leaf, int8)
     add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-             target_modules=lora_target_modules(cfg), layers=cfg.lora_layers or None)
+             target_modules=parse_targets(cfg.lora_targets), layers=cfg.lora_layers or None)
     return model
 
 
 def _param_bytes(model) -> dict:
     """Bytes per kind of tensor, each tensor once (a tied head is embed_in's matrix)."""
-    from .int8 import Int8Linear
 
     out = dict(int8=0, int8_params=0, scales=0, embeddings=0, other_float=0, lora=0, lora_params=0,
                largest_int8=0)
@@ -203,7 +203,6 @@ def _param_bytes(model) -> dict:
 
 def _adapted(model, config: NeoXConfig) -> list[set]:
     """Per block, the set of its linear layers that carry an adapter ("query_key_value", ...)."""
-    from .lora import lora_modules
 
     per_block = [set() for _ in range(config.num_hidden_layers)]
     for name, _ in lora_modules(model):
@@ -242,24 +241,16 @@ def saved_per_token(config: NeoXConfig, adapted: set, grad_in: bool, s: int, r: 
 # ------------------------------------------------------------------------------------------------
 
 def target(cfg) -> tuple[str, str]:
-    """(device type, float dtype name) the run would use, as train.pick_device decides them, except
-    that `--device cuda` may be planned on a machine without CUDA (that is the point)."""
-    if cfg.device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    else:
-        device = "cuda" if cfg.device.startswith("cuda") else cfg.device
-    if device not in ("cpu", "cuda"):
-        raise PlanError(f"--device {cfg.device}: the planner knows cpu and cuda")
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-    if device == "cpu" and dtype == "float16":
-        raise PlanError("--dtype float16 on CPU: train.py refuses it (fp16 matmuls are ~500x slower there)")
-    return device, dtype
+    """(device type, float dtype name) the run would use: train.py's policy (devices.py), except that
+    `--device cuda` may be planned on a machine without CUDA (that is the point)."""
+    device, dtype = devices.pick(cfg.device, cfg.dtype, present=False)
+    return device.type, str(dtype).removeprefix("torch.")
 
 
 def budget_bytes(cfg, device: str) -> tuple[float, str]:
     """(bytes, where the number comes from): --memory-gb, else the GPU's memory, else the RAM."""
     if not cfg.memory_gb >= 0:  # also refuses NaN
-        raise PlanError(f"--memory-gb must be positive (or 0 for this device's memory), got {cfg.memory_gb}")
+        raise PlanError(f"--memory-gb must be >= 0 (0: this device's memory), got {cfg.memory_gb}")
     if cfg.memory_gb > 0:
         return cfg.memory_gb * GB, "--memory-gb"
     if device == "cuda":
@@ -278,12 +269,8 @@ def reward_model_params(spec: str) -> tuple[int, str] | None:
     if spec == "vader" or ":" in spec and not os.path.exists(spec):
         return None
     if spec == "default":
-        from .train import DEFAULT_DIR
-
         spec = os.path.join(DEFAULT_DIR, "rm")
     config, _, _ = read_config(spec)
-    from .neox import SequenceClassifier, count_params
-
     with torch.device("meta"):
         return count_params(SequenceClassifier(config)), spec
 
@@ -432,8 +419,6 @@ def format_plan(plan: dict) -> str:
 
 def plan_for(cfg) -> dict:
     """train.py --plan-memory: read config.json of cfg.model (and of a reward model), plan, no weights."""
-    from .train import DEFAULT_DIR
-
     name = os.path.join(DEFAULT_DIR, "lm") if cfg.model == "default" else cfg.model
     config, raw, path = read_config(name)
     device, _ = target(cfg)
@@ -461,7 +446,8 @@ import os, sys
 from minirlhf.checkpoint import save_model
 from minirlhf.config import NeoXConfig
 from minirlhf.neox import CausalLM, init_weights
-from minirlhf.train import DEFAULT_DIR, TrainConfig, run
+from minirlhf.embedded import DEFAULT_DIR
+from minirlhf.train import TrainConfig, run
 folder = sys.argv[1]
 lm = os.path.join(DEFAULT_DIR, "lm")
 config = NeoXConfig(vocab_size=4096, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,

@@ -1,30 +1,21 @@
 """What a run leaves behind for people: metrics.jsonl, reward.png, samples.md, summary.json.
 
-Every file is written to a temporary name and renamed into place, so a run killed mid-write
+Every file is written through atomic.py (a temporary name, then a rename), so a run killed mid-write
 leaves the previous version, never half a file. metrics.jsonl is appended one line per step
 (a line is either whole or, after a crash, cut; `read_metrics` drops a cut last line).
 """
 
 import json
 import os
-import tempfile
 
-
-def atomic_write(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+from .atomic import atomic_file
 
 
 def append_metrics(path: str, stats: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(stats) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -61,11 +52,9 @@ def plot_curve(metrics: list[dict], path: str, kl_target: float | None = None) -
         ax2.axhline(kl_target, color="gray", linestyle="--", label=f"KL target {kl_target:g}")
     ax2.set_xlabel("PPO step"), ax2.set_ylabel("KL (nats)"), ax2.legend(loc="upper left"), ax2.grid(alpha=0.3)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _cell(text: str) -> str:

@@ -1,4 +1,4 @@
-"""The RLHF loop: one PPO step as data, and checkpoints that resume exactly.
+"""The RLHF loop: one PPO step as data.
 
 One model does three jobs (Hu et al.'s LoRA on a frozen, int8 base; TRL's PPO loop):
 
@@ -21,8 +21,8 @@ One step, with B prompts, P = padded prompt length, N = longest response:
         -> backward into LoRA A/B and the value head only -> clip grads -> AdamW
     beta <- adaptive KL controller(mean KL per sequence)
 
-Everything random draws from generators this file owns (prompt choice, response lengths,
-sampling, minibatch order, dropout), and checkpoints save their states: a resumed run
+Everything random draws from generators the trainer owns (prompt choice, response lengths,
+sampling, minibatch order, dropout), and checkpoints (resume.py) save their states: a resumed run
 continues with the same numbers as one that never stopped.
 
 Under torchrun (distributed.py) each process runs this same code on its share of the rows:
@@ -31,20 +31,15 @@ the whole batch (whitening, statistics, each minibatch's loss, the gradients) go
 distributed.py's helpers, which return their input unchanged in a single process.
 """
 
-import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from . import distributed as dist
 from .generate import generate
-from .lora import disable_adapters, load_adapter, save_adapter
+from .lora import disable_adapters
 from .ppo import (AdaptiveKLController, FixedKLController, LengthSampler, ValueHead, compute_advantages,
                   compute_rewards, entropy_from_logits, logprobs_from_logits, ppo_loss, step_stats)
 
@@ -243,47 +238,6 @@ class PPOTrainer:
         self.step_count += 1
         return stats, r
 
-    # ---------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, folder: str, meta: dict) -> None:
-        """Adapter + value head + optimizer + KL controller + RNG states + step, written into a
-        temp folder and renamed into place: a crash or Ctrl-C never leaves half a checkpoint."""
-        parent = os.path.dirname(os.path.abspath(folder))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=parent)
-        try:
-            save_adapter(self.model, os.path.join(tmp, "adapter"), base_model_name_or_path=meta.get("model"))
-            self.save_value_head(os.path.join(tmp, "value_head.safetensors"))
-            tensors, opt_meta = _flatten_optimizer(self.optimizer.state_dict())
-            tensors["rng.trainer"] = self.gen.get_state()
-            tensors["rng.lengths"] = self.lengths.generator.get_state()
-            tensors["rng.torch"] = torch.get_rng_state()
-            save_file(tensors, os.path.join(tmp, "state.safetensors"))
-            state = {"step": self.step_count, "kl_ctl": self.kl_ctl.state_dict(), "optimizer": opt_meta, **meta}
-            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-                json.dump(state, f, indent=2)
-            if os.path.exists(folder):
-                shutil.rmtree(folder)
-            os.rename(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    def save_value_head(self, path: str) -> None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}, path)
-
-    def load_checkpoint(self, folder: str) -> dict:
-        with open(os.path.join(folder, "trainer_state.json")) as f:
-            state = json.load(f)
-        load_adapter(self.model, os.path.join(folder, "adapter"))
-        self.value_head.load_state_dict(load_file(os.path.join(folder, "value_head.safetensors"), device=str(self.device)))
-        tensors = load_file(os.path.join(folder, "state.safetensors"))
-        self.optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
-        self.gen.set_state(tensors["rng.trainer"])
-        self.lengths.generator.set_state(tensors["rng.lengths"])
-        torch.set_rng_state(tensors["rng.torch"])
-        self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.step_count = state["step"]
-        return state
-
 
 def pad_columns(t: torch.Tensor, N: int, value) -> torch.Tensor:
     """Right-pad a [b, n] tensor of responses (or their mask) to [b, N] with `value`."""
@@ -304,27 +258,3 @@ def minibatches(B: int, M: int, generator: torch.Generator, device="cpu") -> tor
     order = torch.rand(M, S, generator=generator, device=device).argsort(dim=1)  # a shuffle per stratum [M, S]
     rows = order + S * torch.arange(M, device=device)[:, None]  # global rows: stratum s holds s*S .. s*S+S-1
     return rows.T  # [S, M]: minibatch k = the k-th shuffled row of every stratum
-
-
-def _flatten_optimizer(sd: dict) -> tuple[dict, dict]:
-    """An optimizer state_dict -> (tensors for safetensors, the rest as JSON). No pickle."""
-    tensors, scalars = {}, {}
-    for idx, slots in sd["state"].items():
-        for name, value in slots.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim.{idx}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{idx}.{name}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
-    state = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
-    for key, value in meta["scalars"].items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    return {"state": state, "param_groups": meta["param_groups"]}

@@ -146,6 +146,41 @@ def test_a_failing_rank_stops_every_rank_with_one_line_each(workdir):
     assert result.stderr.count("Traceback (most recent call last)") <= 1, result.stderr[-3000:]
 
 
+# Run under torchrun: the process group, load_model (which runs torch's first meta-device op, where torch
+# lazily imports the module whose default arguments once captured the process group), a collective, shutdown.
+THREADS = """
+import os, sys, torch
+from minirlhf import distributed, load_model
+
+def gloo_threads():
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    return sorted(n for n in names if "gloo" in n)
+
+distributed.init(torch.device("cpu"))
+during = gloo_threads()
+load_model(sys.argv[1])
+distributed.gather_rows(torch.ones(2, 3) * distributed.rank())
+distributed.shutdown()
+sys.stdout.write(f"rank {distributed.rank()}: {len(during) > 0} {gloo_threads()}\\n")  # one write: no interleaving
+"""
+
+
+def test_no_gloo_thread_outlives_shutdown(workdir):
+    """The cause of an abort at exit ("terminate called without an active exception", ~1 run in 12-25): gloo's
+    worker threads outlived destroy_process_group, because torch.distributed.nn.functional, imported lazily
+    after init, held the process group in its functions' default arguments; at interpreter shutdown a worker
+    dropping a finished all_gather's tensors needed the GIL and was stopped. distributed.py imports that module
+    before init; this checks the mechanism deterministically (no race needed): after shutdown() no gloo thread
+    is left."""
+    (workdir / "threads.py").write_text(THREADS)
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "threads.py", "model"], cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(line for line in result.stdout.splitlines() if line.startswith("rank ")) == [
+        "rank 0: True []", "rank 1: True []"], result.stdout + result.stderr[-3000:]
+
+
 def test_mini_batch_must_split_evenly_over_ranks(monkeypatch):
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     with pytest.raises(UsageError, match="--mini-batch-size 4 is not divisible by the 3 processes"):

@@ -1,0 +1,296 @@
+"""train.py's flags and --resume: every flag's domain is enforced with one line and exit 2, and a resume is exact
+or refused.
+
+The bad-value table below must name every field of TrainConfig (the first test checks that), so a flag added
+later cannot skip the check. Most cases run train.py's main() in this process (each takes well under a second);
+two go through a real subprocess to show the command line itself prints no traceback.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minirlhf import devices, resume
+from minirlhf.cli import UsageError
+from minirlhf.train import TrainConfig, run, validate
+from tiny import hf_model, save_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["the movie was", "hello world", "a dull film", "I loved every", "this is a", "boring plot"]
+SMALL = dict(steps=2, batch_size=4, mini_batch_size=2, ppo_epochs=1, min_new_tokens=2, max_new_tokens=4,
+             eval_size=2, save_every=1, seed=0, reward="vader")
+
+# flag -> out-of-domain values (each a list of argv words after the flag; [] means "the flag alone"), and a
+# piece of the one-line error. FILE is replaced by an existing regular file.
+BAD = {
+    "model": [(["/nonexistent/model"], "--model: /nonexistent/model: no such folder")],
+    "reward": [(["nosuchmodule:fn"], "--reward: reward function 'nosuchmodule:fn': cannot import module")],
+    "prompts": [(["/nonexistent/p.txt"], "--prompts /nonexistent/p.txt: file not found")],
+    "eval_prompts": [(["/nonexistent/e.txt"], "--eval-prompts /nonexistent/e.txt: file not found")],
+    "eval_size": [(["0"], "--eval-size must be >= 1, got 0")],
+    "steps": [(["0"], "--steps must be >= 1, got 0"), (["1.5"], "argument --steps: invalid int value")],
+    "batch_size": [(["0"], "--batch-size must be >= 1"), (["6"], "--batch-size 6 is not divisible by --mini-batch-size 4")],
+    "mini_batch_size": [(["-2"], "--mini-batch-size must be >= 1"), (["3"], "is not divisible by --mini-batch-size 3")],
+    "ppo_epochs": [(["0"], "--ppo-epochs must be >= 1")],
+    "generation_batch_size": [(["-1"], "--generation-batch-size must be >= 0, got -1")],
+    "lr": [(["0"], "--lr must be > 0, got 0.0"), (["nan"], "--lr must be a finite number, got nan"),
+           (["inf"], "--lr must be a finite number, got inf")],
+    "weight_decay": [(["-0.1"], "--weight-decay must be >= 0")],
+    "max_grad_norm": [(["-1"], "--max-grad-norm must be >= 0, got -1.0")],
+    "lora_r": [(["0"], "--lora-r must be >= 1")],
+    "lora_alpha": [(["0"], "--lora-alpha must be > 0")],
+    "lora_dropout": [(["1.0"], "--lora-dropout must be in [0, 1), got 1.0"), (["-0.1"], "--lora-dropout must be in [0, 1)")],
+    "lora_targets": [(["attention"], "--lora-targets must be all-linear or a comma-separated list of"),
+                     (["query_key_value,"], "--lora-targets must be")],
+    "lora_layers": [(["-1"], "--lora-layers must be >= 0"), (["99"], "--lora-layers:")],
+    "int8": [(["--int8=yes"], "argument --int8/--no-int8: ignored explicit argument 'yes'")],
+    "int8_threshold": [(["-1"], "--int8-threshold must be >= 0")],
+    "kl_estimator": [(["l2"], "--kl-estimator must be one of kl, abs, mse, full, got 'l2'")],
+    "init_kl_coef": [(["-0.1"], "--init-kl-coef must be >= 0")],
+    "adaptive_kl": [(["--adaptive-kl=no"], "argument --adaptive-kl/--no-adaptive-kl: ignored explicit argument")],
+    "target_kl": [(["0"], "--target-kl must be > 0")],
+    "horizon": [(["0"], "--horizon must be > 0")],
+    "early_stop_kl": [(["-1"], "--early-stop-kl must be >= 0")],
+    "ratio_threshold": [(["1"], "--ratio-threshold must be > 1")],
+    "gamma": [(["1.5"], "--gamma must be in [0, 1], got 1.5")],
+    "lam": [(["-0.1"], "--lam must be in [0, 1], got -0.1")],
+    "cliprange": [(["-0.2"], "--cliprange must be in (0, 1), got -0.2"), (["0"], "--cliprange must be in (0, 1)")],
+    "cliprange_value": [(["0"], "--cliprange-value must be > 0, got 0.0")],
+    "vf_coef": [(["-1"], "--vf-coef must be >= 0, got -1.0")],
+    "min_new_tokens": [(["0"], "--min-new-tokens must be >= 1"), (["20"], "--min-new-tokens 20 is above --max-new-tokens 4")],
+    "max_new_tokens": [(["1"], "--min-new-tokens 2 is above --max-new-tokens 1")],
+    "max_prompt_tokens": [(["0"], "--max-prompt-tokens must be >= 1")],
+    "temperature": [(["0"], "--temperature must be > 0")],
+    "top_k": [(["-3"], "--top-k must be >= 0, got -3")],
+    "top_p": [(["0"], "--top-p must be in (0, 1]"), (["1.5"], "--top-p must be in (0, 1]")],
+    "seed": [(["-1"], "--seed must be in [0, 2**63), got -1")],
+    "device": [(["gpu"], "--device gpu: expected cpu, cuda, cuda:N or auto"), (["cpu:1"], "--device cpu:1: expected")],
+    "dtype": [(["float64"], "--dtype must be one of auto, float32, bfloat16, float16, got 'float64'")],
+    "gradient_checkpointing": [(["--gradient-checkpointing=1"], "ignored explicit argument '1'")],
+    "out": [(["FILE"], "exists and is not a folder")],
+    "resume": [(["/nonexistent/run"], "--resume /nonexistent/run: no such run folder")],
+    "save_every": [(["0"], "--save-every must be >= 1")],
+    "plan_memory": [(["--plan-memory=1"], "ignored explicit argument '1'")],
+    "memory_gb": [(["-1"], "--memory-gb must be >= 0")],
+}
+if not torch.cuda.is_available():  # on a machine without a GPU, asking for one is out of domain too
+    BAD["device"].append((["cuda"], "--device cuda: no CUDA GPU is visible on this machine"))
+    BAD["dtype"].append((["float16"], "--dtype float16 on CPU"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    hf_model(seed=0).save_pretrained(folder / "model")
+    save_tokenizer(folder / "model")
+    (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    (folder / "a_file").write_text("not a folder\n")
+    return folder
+
+
+def train_main():
+    spec = importlib.util.spec_from_file_location("train_script", os.path.join(ROOT, "train.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def call(argv, capsys) -> tuple[int, str]:
+    """train.py's main(argv) in this process: (exit code, stderr)."""
+    try:
+        code = train_main()(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_the_table_names_every_flag():
+    assert set(BAD) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+@pytest.mark.parametrize("name, words, message",
+                         [(name, words, message) for name, cases in BAD.items() for words, message in cases],
+                         ids=lambda x: x if isinstance(x, str) and not x.startswith(("-", "/")) else None)
+def test_an_out_of_domain_flag_is_one_line_and_exit_2(tiny, tmp_path, capsys, name, words, message):
+    base = {"--model": str(tiny / "model"), "--prompts": str(tiny / "prompts.txt"), "--reward": "vader",
+            "--batch-size": "8", "--mini-batch-size": "4", "--min-new-tokens": "2", "--max-new-tokens": "4",
+            "--eval-size": "2", "--steps": "1", "--out": str(tmp_path / "run")}
+    flag = "--" + name.replace("_", "-")
+    if name == "resume":  # a resumed run stays in its own folder: --out with --resume is refused on its own
+        del base["--out"]
+    words = [str(tiny / "a_file") if w == "FILE" else w for w in words]
+    if words[0].startswith("--"):  # a bool flag given a value
+        argv = [a for k, v in base.items() for a in (k, v)] + words
+    else:
+        base[flag] = words[0]
+        argv = [a for k, v in base.items() for a in (k, v)]
+    code, err = call(argv, capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: ") and message in lines[0], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_the_command_line_itself_prints_one_line(tiny, tmp_path):
+    for args, message in ((["--max-grad-norm", "-1"], "--max-grad-norm must be >= 0"),
+                          (["--steps", "x"], "argument --steps: invalid int value: 'x'")):
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--model", str(tiny / "model"),
+                                 *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_each_numeric_flag_documents_its_domain():
+    """Each field's doc states its domain (the help text is the doc): numbers say their range."""
+    from minirlhf.cli import field_docs
+
+    docs = field_docs(TrainConfig)
+    numeric = [f.name for f in dataclasses.fields(TrainConfig) if f.type in (int, float, "int", "float")]
+    for name in numeric:
+        assert any(s in docs[name] for s in (">=", "<=", "> 0", "> 1", "in [", "in (")), (name, docs[name])
+
+
+# ---------------------------------------------------------------------------------------------- devices
+
+def test_device_policy(monkeypatch):
+    assert devices.pick("cpu", "auto") == (torch.device("cpu"), torch.float32)
+    assert devices.pick("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
+    # a plan may name a GPU this machine lacks; bfloat16 is then what auto picks for it
+    assert devices.pick("cuda", "auto", present=False) == (torch.device("cuda"), torch.bfloat16)
+    assert devices.pick("cuda:1", "float16", present=False) == (torch.device("cuda", 1), torch.float16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert devices.parse_device("auto") == torch.device("cuda")
+    devices.check_present(torch.device("cuda", 1), "cuda:1")
+    with pytest.raises(UsageError, match="--device cuda:2: this machine has 2 CUDA GPU"):
+        devices.check_present(torch.device("cuda", 2), "cuda:2")
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+def small_run(tiny, out, **kw):
+    return run(TrainConfig(model=str(tiny / "model"), prompts=str(tiny / "prompts.txt"), out=str(out),
+                           **{**SMALL, **kw}), progress=False)
+
+
+def metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_refuses_each_flag_that_would_change_the_run(tiny, tmp_path):
+    out = tmp_path / "r"
+    small_run(tiny, out, steps=1)
+    saved = resume.read_config(resume.latest_checkpoint(str(out)))
+    assert saved["device"] == "cpu" and saved["dtype"] == "float32"  # resolved, not "auto"
+    assert saved["lr"] == 5e-4 and saved["steps"] == 1
+    cfg = dict(model=str(tiny / "model"), prompts=str(tiny / "prompts.txt"), resume=str(out), **SMALL)
+    cases = {"lr": (0.1, "--lr 0.1 differs from the run's 0.0005"),
+             "seed": (3, "--seed 3 differs from the run's 0"),
+             "init_kl_coef": (0.3, "--init-kl-coef 0.3 differs from the run's 0.15"),
+             "adaptive_kl": (False, "--adaptive-kl False differs from the run's True"),
+             "max_new_tokens": (5, "--max-new-tokens 5 differs from the run's 4"),
+             "temperature": (0.7, "--temperature 0.7 differs from the run's 1.0"),
+             "eval_size": (1, "--eval-size 1 differs from the run's 2"),
+             "dtype": ("bfloat16", "--dtype 'bfloat16' differs from the run's 'float32'")}
+    for name, (value, message) in cases.items():
+        with pytest.raises(UsageError, match="^--resume .*" + message.replace("(", r"\(").replace(")", r"\)")):
+            run(TrainConfig(**{**cfg, "steps": 2, name: value}), progress=False)
+    # two at once: one line naming both
+    with pytest.raises(UsageError, match=r"--lr 0.1 differs .*; --seed 3 differs"):
+        run(TrainConfig(**{**cfg, "steps": 2, "lr": 0.1, "seed": 3}), progress=False)
+    with pytest.raises(UsageError, match="--steps 0 is below|--steps must be >= 1"):
+        run(TrainConfig(**{**cfg, "steps": 0}), progress=False)
+    assert [m["step"] for m in metrics(out)] == [1]  # nothing ran
+
+
+def test_resume_extends_steps_and_allows_what_cannot_change_the_numbers(tiny, tmp_path):
+    """--steps 1, then --resume with --steps 3 and other memory/observation flags, equals --steps 3 from scratch."""
+    small_run(tiny, tmp_path / "full", steps=3)
+    small_run(tiny, tmp_path / "part", steps=1)
+    run(TrainConfig(model=str(tiny / "model"), prompts=str(tiny / "prompts.txt"), resume=str(tmp_path / "part"),
+                    **{**SMALL, "steps": 3, "save_every": 2, "generation_batch_size": 1,
+                       "gradient_checkpointing": True, "memory_gb": 3.0}), progress=False)
+    a, b = metrics(tmp_path / "full"), metrics(tmp_path / "part")
+    assert [m["step"] for m in b] == [1, 2, 3]
+    for x, y in zip(a, b):
+        for key in x:
+            if not key.startswith("time/"):
+                assert y[key] == pytest.approx(x[key], rel=1e-6, abs=1e-7), (x["step"], key)
+
+
+def test_a_fixed_kl_run_resumes(tiny, tmp_path):
+    """A run written with --no-adaptive-kl resumes with it (its KL controller state has no target/horizon)."""
+    small_run(tiny, tmp_path / "fixed", steps=1, adaptive_kl=False)
+    summary = run(TrainConfig(model=str(tiny / "model"), prompts=str(tiny / "prompts.txt"),
+                              resume=str(tmp_path / "fixed"), **{**SMALL, "steps": 2, "adaptive_kl": False}),
+                  progress=False)
+    assert summary["kl_target"] is None
+    assert [m["objective/kl_coef"] for m in metrics(tmp_path / "fixed")] == [0.15, 0.15]
+    with pytest.raises(UsageError, match="--adaptive-kl True differs from the run's False"):
+        run(TrainConfig(model=str(tiny / "model"), prompts=str(tiny / "prompts.txt"),
+                        resume=str(tmp_path / "fixed"), **{**SMALL, "steps": 3}), progress=False)
+
+
+class FakeTrainer:
+    """What rng_states needs: a trainer on a CUDA device (only its name; no tensor is put there)."""
+    device = torch.device("cuda", 0)
+    gen = torch.Generator().manual_seed(1)
+
+    class lengths:
+        generator = torch.Generator().manual_seed(2)
+
+
+def test_cuda_rng_state_is_saved_and_restored_on_a_gpu(monkeypatch):
+    saved = torch.arange(16, dtype=torch.uint8)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: saved.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append((state, device)))
+    states = resume.rng_states(FakeTrainer())
+    assert torch.equal(states["rng.cuda"], saved)
+    resume.restore_rng_states(FakeTrainer(), states)
+    assert len(calls) == 1 and torch.equal(calls[0][0], saved) and calls[0][1] == torch.device("cuda", 0)
+    with pytest.raises(UsageError, match="no CUDA RNG state"):
+        resume.restore_rng_states(FakeTrainer(), {k: v for k, v in states.items() if k != "rng.cuda"})
+
+
+def test_validate_accepts_the_defaults_and_edge_values():
+    validate(TrainConfig())
+    validate(TrainConfig(gamma=0.0, lam=1.0, top_p=1.0, top_k=0, vf_coef=0.0, init_kl_coef=0.0, lora_dropout=0.0,
+                         min_new_tokens=16, max_new_tokens=16, lora_targets="attention.dense,dense_4h_to_h"))
+    assert math.isfinite(TrainConfig().lr)
+
+
+# ---------------------------------------------------------------------------------------------- build_default
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: str(d / "missing.txt"), "--data {}: file not found"),
+    (lambda d: str(d), "--data {}: file not found"),  # a folder is not the snippets file
+    (lambda d: (d / "bad.txt").write_text("1\tnot-a-rating-line\n") and str(d / "bad.txt"),
+     "{}: line 1 does not have 3 tab-separated fields"),
+])
+def test_build_default_bad_data_is_one_line_and_exit_2(tmp_path, capsys, make, message):
+    from minirlhf.build_default import main
+
+    data = make(tmp_path)
+    assert main(["--data", data, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"python -m minirlhf.build_default: error: {message.format(data)}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_default_bad_flag_is_one_line_and_exit_2(tmp_path, capsys):
+    from minirlhf.build_default import main
+
+    assert main(["--hidden-size", "100", "--heads", "3", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == ("python -m minirlhf.build_default: error: --hidden-size 100 is not "
+                                       "divisible by --heads 3\n")
+    with pytest.raises(SystemExit) as e:
+        main(["--lm-steps", "many"])
+    assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
