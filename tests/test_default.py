@@ -45,6 +45,26 @@ def test_transformers_loads_the_shipped_models_and_gives_our_logits(name, cls):
     assert (got - expected).abs().max().item() < 1e-4
 
 
+def test_shipped_models_are_4_2m_parameters_in_fp16_17_mb():
+    """README: GPT-NeoX h256 x 4 layers, vocabulary 4,096 (4.2M parameters), both models saved in fp16, 17 MB."""
+    import math
+
+    from safetensors import safe_open
+
+    V, C, F, L = 4096, 256, 1024, 4
+    per_block = (3 * C * C + 3 * C) + (C * C + C) + (C * F + F) + (F * C + C) + 2 * 2 * C  # 4 linears, 2 LayerNorms
+    lm = V * C + L * per_block + 2 * C  # tied embeddings, once; the final LayerNorm
+    assert lm == 4_208_128
+    sizes = 0
+    for name, params in (("lm", lm), ("rm", lm + C)):  # the reward model adds its score head [1, C]
+        path = os.path.join(DEFAULT, name, "model.safetensors")
+        with safe_open(path, "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+            assert sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()) == params
+        sizes += os.path.getsize(path)
+    assert round(sizes / 1e6) == 17
+
+
 def test_reward_model_accuracy_is_the_readmes(data):
     """README: test-split sign accuracy 77.2%, VADER 58.3% (65.5% counting VADER's 0 as negative), each
     checked at the precision it is printed with: within 0.05 points. Measured: 0.77230, 0.58349, 0.65465."""
