@@ -60,9 +60,10 @@ Total = held + the largest of the three phases, with and without gradient checkp
 
 What is estimated, honestly: activation and working-set counts follow the code's tensors, not a
 trace of the allocator. On a CPU the measured number is the process's peak RSS (VmHWM), which also
-holds the runtime (measured: RUNTIME_CPU_MB) and the C library's free-but-kept heap; the planner
-is tested to be within 15% of it for the embedded model and a Pythia-70m-shaped one
-(tests/test_memory.py). On a GPU the comparable number is torch.cuda.max_memory_allocated, which
+holds the runtime (measured: RUNTIME_CPU_MB) and the C library's free-but-kept heap; the plan's
+tensors (totals["tensors"], the total less the runtime) are tested to be within 20% + 15 MB of the
+measured peak RSS less a bare process's, and its totals within 11%, for the embedded model and a
+Pythia-70m-shaped one (tests/test_memory.py; identical small runs differ by up to ~30 MB of RSS). On a GPU the comparable number is torch.cuda.max_memory_allocated, which
 excludes the CUDA context (a few hundred MB, outside the allocator) and the caching allocator's
 fragmentation; the GPU plan has not been measured yet (no GPU was available to this project).
 Not counted: a `module:function` reward's own memory, and the scoring passes of the rollout
@@ -278,7 +279,8 @@ def reward_model_params(spec: str) -> tuple[int, str] | None:
 def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[float, str] | None = None,
                 reward: tuple[int, str] | None = None, model_name: str = "") -> dict:
     """The plan: rows (component, shape, bytes without / with gradient checkpointing, phase) and
-    totals. file_bytes: bytes per float in the checkpoint file (0 = fp32)."""
+    totals["plain" | "ckpt"] = held, phases, peak_phase, total, runtime (the CPU runtime row, 0 on a
+    GPU) and tensors (total - runtime). file_bytes: bytes per float in the checkpoint file (0 = fp32)."""
     device, dtype_name = target(cfg)
     s = BYTES[dtype_name]
     fb = file_bytes or 4
@@ -318,8 +320,9 @@ def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[floa
         # same dtype in file and run: the float tensors are views of the mapped file, the mapping stays,
         # and the pages the int8 layers were quantized from stay resident with it
         row("held", "checkpoint pages still mapped (CPU)", f"{n_int8 / 1e6:,.1f}M x {fb} B", n_int8 * fb)
+    runtime = RUNTIME_CPU_MB * MB if device == "cpu" else 0.0  # a constant, not the run's tensors
     if device == "cpu":
-        row("held", "runtime: python + torch (CPU process)", "measured, RUNTIME_CPU_MB", RUNTIME_CPU_MB * MB)
+        row("held", "runtime: python + torch (CPU process)", "measured, RUNTIME_CPU_MB", runtime)
 
     # loading
     if device == "cpu" and not aliased:
@@ -363,7 +366,10 @@ def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[floa
         held = sum(r[key] for r in rows if r["phase"] == "held")
         phases = {ph: sum(r[key] for r in rows if r["phase"] == ph) for ph in ("loading", "generation", "update")}
         peak = max(phases, key=phases.get)
-        totals[key] = dict(held=held, phases=phases, peak_phase=peak, total=held + phases[peak])
+        total = held + phases[peak]
+        # tensors: the total less the runtime row, i.e. the part this module plans from config.json
+        totals[key] = dict(held=held, phases=phases, peak_phase=peak, total=total, runtime=runtime,
+                           tensors=total - runtime)
     plan = dict(model=model_name, device=device, dtype=dtype_name, rows=rows, totals=totals, int8=cfg.int8,
                 checkpointing=bool(getattr(cfg, "gradient_checkpointing", False)), budget=budget,
                 settings=dict(batch=cfg.batch_size, generation_batch=B, mini_batch=b, prompt=P, response=N,

@@ -233,9 +233,12 @@ class CausalLM(nn.Module):
 class SequenceClassifier(nn.Module):
     """GPT-NeoX with a `score` head read at each sequence's last real token: a reward model.
 
-    This is GPTNeoXForSequenceClassification's layout. transformers finds the last token as the
-    last one that is not pad_token_id; we take the last position the attention mask marks real.
-    The two agree whenever padding positions hold pad_token_id.
+    This is GPTNeoXForSequenceClassification's layout, and its rule for "last": the rightmost token
+    whose id is not config.pad_token_id (so left and right padding alike), whatever the attention mask
+    says. When pad_token_id == eos_token_id (many Pythia reward models) a real trailing eos is skipped
+    too, and the score is read at the token before it: that is what such a model was trained to
+    score. Without a pad_token_id transformers refuses batches of more than one row; we read the last
+    position the attention mask marks real (the last position without a mask).
     """
 
     def __init__(self, config: NeoXConfig):
@@ -248,10 +251,13 @@ class SequenceClassifier(nn.Module):
         """input_ids [B, T] -> Output(logits [B, num_labels], hidden_states [B, T, C])."""
         h = self.gpt_neox(input_ids, attention_mask, position_ids)
         B, T = input_ids.shape
-        if attention_mask is None:
-            last = torch.full((B,), T - 1, device=input_ids.device)
+        if self.config.pad_token_id is not None:
+            real = input_ids != self.config.pad_token_id  # [B, T], as transformers computes it
+        elif attention_mask is not None:
+            real = attention_mask.bool()
         else:
-            last = (torch.arange(T, device=input_ids.device) * attention_mask.long()).argmax(-1)
+            real = torch.ones_like(input_ids, dtype=torch.bool)
+        last = (torch.arange(T, device=input_ids.device) * real.long()).argmax(-1)  # [B]; 0 for an all-pad row
         pooled = h[torch.arange(B, device=h.device), last]  # [B, C]
         return Output(logits=self.score(pooled), hidden_states=h)
 

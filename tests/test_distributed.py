@@ -124,7 +124,7 @@ def assert_same_metrics(a, b):
         assert x["env/reward_mean"] == y["env/reward_mean"] and x["env/reward_std"] == y["env/reward_std"]
         for key in x:
             if not key.startswith("time/"):
-                assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-5), (x["step"], key)
+                assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
 
 
 def test_a_failing_rank_stops_every_rank_with_one_line_each(workdir):

@@ -572,15 +572,21 @@ def test_weights_that_do_not_fit(saved):
     assert untouched(model)
 
 
+def same_state(model, before):
+    after = model.state_dict()
+    return after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_existing_adapters_that_do_not_match(saved):
+    # the model's adapters (randomized, so a load that wrote anything would show) stay as they were
     model = randomize(add_lora(tiny(), r=4, alpha=8, target_modules=("dense",)), seed=9)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(AdapterError, match="select different layers"):
         load_adapter(model, saved)
+    assert same_state(model, before)
     model = randomize(add_lora(tiny(), r=2, alpha=8), seed=9)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     message = "r=4 but the model's adapter on gpt_neox.layers.0.attention.query_key_value has r=2"
     with pytest.raises(AdapterError, match=message):
         load_adapter(model, saved)
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert same_state(model, before)

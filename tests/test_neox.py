@@ -211,6 +211,48 @@ def test_sequence_classifier_equals_transformers_and_round_trips(tmp_path):
     assert (again - expected).abs().max() < TOL
 
 
+def classifier_logits(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+
+
+def test_sequence_classifier_reads_the_last_token_transformers_reads(tmp_path):
+    """transformers 5 (GPTNeoXForSequenceClassification.forward) pools at the rightmost token whose id is not
+    pad_token_id, whatever the attention mask says: with right padding that is the last real token, and when
+    pad_token_id == eos_token_id a real trailing eos is skipped too. Ours must read the same position."""
+    # right padding, pad 1 != eos 0: ids [3, 11], row 1 has 3 pads on the right, row 2 has 7
+    ref = save_hf(tmp_path / "right", "GPTNeoXForSequenceClassification", tokenizer=False, num_labels=1)
+    ours = minirlhf.load_model(str(tmp_path / "right"))
+    ids, mask = batch()
+    ids, mask = ids.flip(-1), mask.flip(-1)  # batch() pads on the left; flipped, the padding is on the right
+    assert mask[1].tolist() == [1] * 8 + [0] * 3 and (ids[mask == 0] == 1).all()
+    expected = classifier_logits(ref, ids, mask)
+    with torch.no_grad():
+        got = ours(ids, mask).logits
+    assert (got - expected).abs().max() < TOL
+
+    # pad_token_id == eos_token_id == 0, as in many Pythia reward models: left-padded with 0, and rows whose
+    # real text ends in eos (mask 1 there). transformers reads the token before the trailing eos tokens.
+    ref = save_hf(tmp_path / "eos", "GPTNeoXForSequenceClassification", tokenizer=False, num_labels=1,
+                  pad_token_id=0)
+    ours = minirlhf.load_model(str(tmp_path / "eos"))
+    assert ours.config.pad_token_id == ours.config.eos_token_id == 0
+    ids, mask = batch()
+    ids[mask == 0] = 0  # the padding holds pad_token_id
+    ids[0, -1] = 0  # row 0 (no padding) ends in one real eos
+    ids[2, -2:] = 0  # row 2 (7 pads on the left) ends in two
+    expected = classifier_logits(ref, ids, mask)
+    with torch.no_grad():
+        got = ours(ids, mask).logits
+    assert (got - expected).abs().max() < TOL
+    # ... and that is really a different position from the last real one: row 0 read at column 9, not 10
+    with torch.no_grad():
+        at_last_real = ref.score(ref.gpt_neox(input_ids=ids, attention_mask=mask,
+                                              position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state)
+    assert (expected[0] - at_last_real[0, 9]).abs().max() < TOL
+    assert (expected[0] - at_last_real[0, 10]).abs().max() > 1e-3
+
+
 def test_causal_lm_save_is_loaded_by_transformers(tmp_path):
     import transformers
 
