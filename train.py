@@ -1,6 +1,6 @@
 """python train.py [flags]: RLHF a GPT-NeoX with PPO, an int8 base and LoRA adapters.
 
-Every flag is a field of minirlhf.train.TrainConfig; --help prints each field's documentation.
+Every flag is a field of minirlhf.options.TrainConfig; --help prints each field's documentation.
 With no flags it runs the embedded default: a small GPT-NeoX trained on movie-review snippets,
 taught by PPO to write positive reviews, scored by a reward model trained on human ratings.
 
@@ -14,15 +14,17 @@ import sys
 
 from minirlhf import distributed
 from minirlhf.cli import Parser, add_dataclass_flags, fail
+from minirlhf.options import SECTIONS, TrainConfig
 from minirlhf.rewards import RewardError
-from minirlhf.train import TrainConfig, run
+from minirlhf.train import run
 
 
 def parse_args(argv=None) -> TrainConfig:
     parser = Parser(prog="train.py", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_dataclass_flags(parser, TrainConfig)
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    for _, section, title in SECTIONS:  # --help lists the flags by concern
+        add_dataclass_flags(parser, section, title)
+    return TrainConfig.from_flags(**vars(parser.parse_args(argv)))
 
 
 def main(argv=None) -> int:

@@ -199,7 +199,7 @@ def child_ours(args) -> dict:
     model = minirlhf.load_model(args.folder, int8=args.base == "int8")
     add_lora(model, r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, target_modules=("query_key_value",))
     tok = minirlhf.load_tokenizer(args.folder)
-    cfg = TrainConfig(batch_size=BATCH, mini_batch_size=MINI_BATCH, ppo_epochs=PPO_EPOCHS, lr=LR,
+    cfg = TrainConfig.from_flags(batch_size=BATCH, mini_batch_size=MINI_BATCH, ppo_epochs=PPO_EPOCHS, lr=LR,
                       min_new_tokens=RESPONSE_TOKENS, max_new_tokens=RESPONSE_TOKENS, init_kl_coef=INIT_KL,
                       adaptive_kl=True, target_kl=TARGET_KL, horizon=HORIZON, top_k=0, top_p=1.0,
                       temperature=1.0, max_grad_norm=0.0, early_stop_kl=0.0, seed=SEED)
@@ -208,7 +208,7 @@ def child_ours(args) -> dict:
     def reward(prompts, responses):  # constant time: the precomputed scores of this step
         return torch.tensor(inputs["scores"][current["step"]])
 
-    trainer = PPOTrainer(model, tok, checked_reward_fn(reward, "dummy"), cfg)
+    trainer = PPOTrainer.for_config(model, tok, checked_reward_fn(reward, "dummy"), cfg)
     rss_loaded = proc_status_mb("VmRSS")
 
     # time the scoring passes: wrap this instance's score_pass (the library is not touched)

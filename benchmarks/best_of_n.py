@@ -32,9 +32,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
 
-    cfg = TrainConfig(max_new_tokens=args.tokens, min_new_tokens=args.min_tokens)
+    cfg = TrainConfig.from_flags(max_new_tokens=args.tokens, min_new_tokens=args.min_tokens)
     lm = default_path("lm")
-    trainer = PPOTrainer(load_model(lm, int8=True), load_tokenizer(lm), None, cfg)
+    trainer = PPOTrainer.for_config(load_model(lm, int8=True), load_tokenizer(lm), None, cfg)
     rm = reward_model_fn(default_path("rm"), include_prompt=False)  # as train.py's default reward
     vader = vader_reward(include_prompt=False)  # as train.py's judge
     prompts = read_prompts(default_path("eval_prompts.txt"), "eval prompts")

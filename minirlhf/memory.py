@@ -70,6 +70,7 @@ Not counted: a `module:function` reward's own memory, and the scoring passes of 
 (no gradients; they need less than the update).
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -159,21 +160,21 @@ def file_bytes_per_param(raw: dict, config_file: str, n_params: int) -> int:
 # ------------------------------------------------------------------------------------------------
 
 def meta_model(config: NeoXConfig, cfg, dtype: torch.dtype):
-    """CausalLM with int8 blocks (if cfg.int8) and cfg's LoRA adapters, on the meta device: every
+    """CausalLM with int8 blocks (if cfg.base.int8) and cfg's LoRA adapters, on the meta device: every
     parameter has its real shape and dtype and no storage. Same code as train.run: load_model's
     layer choice and add_lora's target rules (so a bad --lora-targets fails here the same way)."""
 
     with torch.device("meta"):
         model = CausalLM(config).to(dtype)
-        if cfg.int8:
+        if cfg.base.int8:
             for name, module in list(model.named_modules()):
                 if goes_int8(name):
                     int8 = Int8Linear(module.in_features, module.out_features, bias=module.bias is not None,
                                       dtype=dtype)
                     parent, _, leaf = name.rpartition(".")
                     setattr(model.get_submodule(parent), leaf, int8)
-    add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-             target_modules=parse_targets(cfg.lora_targets), layers=cfg.lora_layers or None)
+    add_lora(model, r=cfg.lora.lora_r, alpha=cfg.lora.lora_alpha, dropout=cfg.lora.lora_dropout,
+             target_modules=parse_targets(cfg.lora.lora_targets), layers=cfg.lora.lora_layers or None)
     return model
 
 
@@ -242,22 +243,20 @@ def saved_per_token(config: NeoXConfig, adapted: set, grad_in: bool, s: int, r: 
 # ------------------------------------------------------------------------------------------------
 
 def target(cfg) -> tuple[str, str]:
-    """(device type, float dtype name) the run would use: train.py's policy (devices.py), except that
-    `--device cuda` may be planned on a machine without CUDA (that is the point)."""
-    device, dtype = devices.pick(cfg.device, cfg.dtype, present=False)
+    """(device type, float dtype name) the run would use: devices.py's policy, which also train.py follows, except
+    that `--device cuda` may be planned on a machine without CUDA (that is the point)."""
+    device, dtype = devices.pick(cfg.run.device, cfg.base.dtype, present=False)
     return device.type, str(dtype).removeprefix("torch.")
 
 
 def budget_bytes(cfg, device: str) -> tuple[float, str]:
     """(bytes, where the number comes from): --memory-gb, else the GPU's memory, else the RAM."""
-    if not cfg.memory_gb >= 0:  # also refuses NaN
-        raise PlanError(f"--memory-gb must be >= 0 (0: this device's memory), got {cfg.memory_gb}")
-    if cfg.memory_gb > 0:
-        return cfg.memory_gb * GB, "--memory-gb"
+    if cfg.run.memory_gb > 0:
+        return cfg.run.memory_gb * GB, "--memory-gb"
     if device == "cuda":
         if not torch.cuda.is_available():
             raise PlanError("--device cuda on a machine without CUDA: give the GPU's memory with --memory-gb")
-        index = 0 if cfg.device == "auto" else (torch.device(cfg.device).index or 0)
+        index = 0 if cfg.run.device == "auto" else (torch.device(cfg.run.device).index or 0)
         props = torch.cuda.get_device_properties(index)
         return float(props.total_memory), f"{props.name}, torch.cuda total_memory"
     with open("/proc/meminfo") as f:
@@ -289,9 +288,9 @@ def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[floa
     L, C, H, D = config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.head_size
     F, V = config.intermediate_size, config.vocab_size
     # rows sampled together hold the KV cache: a chunk of a rollout or of the evaluation
-    B = min(max(cfg.batch_size, cfg.eval_size), cfg.generation_batch_size or cfg.batch_size)
-    b = cfg.mini_batch_size
-    P, N = cfg.max_prompt_tokens, cfg.max_new_tokens
+    B = min(max(cfg.ppo.batch_size, cfg.data.eval_size), cfg.sampling.generation_batch_size or cfg.ppo.batch_size)
+    b = cfg.ppo.mini_batch_size
+    P, N = cfg.sampling.max_prompt_tokens, cfg.sampling.max_new_tokens
     T = P + N
     trainable = pb["lora_params"] + C + 1  # adapters + value head
     rows = []
@@ -302,21 +301,21 @@ def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[floa
 
     # held for the whole run
     n_int8 = pb["int8_params"]
-    if cfg.int8:
+    if cfg.base.int8:
         row("held", "int8 weights (blocks' linear layers)", f"{n_int8 / 1e6:,.1f}M params x 1 B", pb["int8"])
         row("held", "int8 row scales", f"{L} x (5C + F) x fp32", pb["scales"])
     row("held", f"float parts: embeddings + head ({dtype_name})",
         f"[{V}, {C}] x {1 if config.tie_word_embeddings else 2}", pb["embeddings"])
-    row("held", f"float parts: norms, biases{'' if cfg.int8 else ', linear layers'} ({dtype_name})",
+    row("held", f"float parts: norms, biases{'' if cfg.base.int8 else ', linear layers'} ({dtype_name})",
         f"{(pb['other_float'] // s) / 1e6:,.2f}M params", pb["other_float"])
-    row("held", "LoRA A, B (fp32)", f"{pb['lora_params'] / 1e6:,.2f}M params, r={cfg.lora_r}", pb["lora"])
+    row("held", "LoRA A, B (fp32)", f"{pb['lora_params'] / 1e6:,.2f}M params, r={cfg.lora.lora_r}", pb["lora"])
     row("held", "AdamW state (exp_avg, exp_avg_sq)", f"2 x {trainable / 1e6:,.2f}M x fp32", 8 * trainable)
     row("held", "value head (fp32)", f"Linear({C}, 1)", 4 * (C + 1))
     if reward:
         row("held", "reward model (fp32)", f"{reward[0] / 1e6:,.2f}M params", 4 * reward[0])
     n_params = pb["int8_params"] + (pb["embeddings"] + pb["other_float"]) // s  # what the file holds
     aliased = device == "cpu" and fb == s
-    if aliased and cfg.int8:
+    if aliased and cfg.base.int8:
         # same dtype in file and run: the float tensors are views of the mapped file, the mapping stays,
         # and the pages the int8 layers were quantized from stay resident with it
         row("held", "checkpoint pages still mapped (CPU)", f"{n_int8 / 1e6:,.1f}M x {fb} B", n_int8 * fb)
@@ -327,7 +326,7 @@ def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[floa
     # loading
     if device == "cpu" and not aliased:
         row("loading", "checkpoint file, memory-mapped (CPU)", f"{n_params / 1e6:,.1f}M x {fb} B", n_params * fb)
-    if cfg.int8:
+    if cfg.base.int8:
         per = 5 if aliased else 9
         row("loading", "quantizing the largest layer", f"[{F}, {C}] x {per} B", per * pb["largest_int8"])
 
@@ -336,7 +335,7 @@ def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[floa
     prefill = B * P * (9 * C + 2 * F) * s
     if device == "cpu":
         prefill += B * H * P * P * 4  # attention scores of the prompt
-        if cfg.int8:  # the int8 product runs as an fp32 GEMM: codes, int32 result, fp32 output, fp32 W copy
+        if cfg.base.int8:  # the int8 product runs as an fp32 GEMM: codes, int32 result, fp32 output, fp32 W copy
             prefill += B * P * (5 * C + 8 * F) + 4 * pb["largest_int8"]
     sampling = 5 * B * V * 4
     row("generation", "prompt forward pass or token sampling", f"[{B}, {P}] or 5 x [{B}, {V}] fp32",
@@ -345,7 +344,7 @@ def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[floa
     # update
     adapted = _adapted(model, config)
     first = next(i for i, a in enumerate(adapted) if a)
-    per_block = [saved_per_token(config, adapted[i], i > first, s, cfg.lora_r, cfg.lora_dropout, T)
+    per_block = [saved_per_token(config, adapted[i], i > first, s, cfg.lora.lora_r, cfg.lora.lora_dropout, T)
                  for i in range(L)]
     head = b * T * (C * s + 8) + b * N * C * 4  # final LayerNorm's input; the value head's fp32 input
     kept = b * T * sum(per_block) + head
@@ -355,7 +354,7 @@ def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[floa
     row("update", "logits at response positions", f"4 x [{b}, {N}, {V}] fp32", 4 * b * N * V * 4)
     row("update", "gradients through one block", f"[{b}, {T}] x one block's activations",
         b * T * max(per_block))
-    if cfg.int8:
+    if cfg.base.int8:
         row("update", "int8 backward: one dequantized weight", f"[{F}, {C}] x 8 B", 8 * pb["largest_int8"])
     temps = 2 if device == "cuda" else 1  # gradients, + AdamW's foreach temporaries on a GPU
     row("update", "parameter gradients (+ AdamW temporaries)", f"{temps} x {trainable / 1e6:,.2f}M fp32",
@@ -370,10 +369,10 @@ def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[floa
         # tensors: the total less the runtime row, i.e. the part this module plans from config.json
         totals[key] = dict(held=held, phases=phases, peak_phase=peak, total=total, runtime=runtime,
                            tensors=total - runtime)
-    plan = dict(model=model_name, device=device, dtype=dtype_name, rows=rows, totals=totals, int8=cfg.int8,
+    plan = dict(model=model_name, device=device, dtype=dtype_name, rows=rows, totals=totals, int8=cfg.base.int8,
                 checkpointing=bool(getattr(cfg, "gradient_checkpointing", False)), budget=budget,
-                settings=dict(batch=cfg.batch_size, generation_batch=B, mini_batch=b, prompt=P, response=N,
-                              lora_r=cfg.lora_r, lora_targets=cfg.lora_targets, int8_params=n_int8,
+                settings=dict(batch=cfg.ppo.batch_size, generation_batch=B, mini_batch=b, prompt=P, response=N,
+                              lora_r=cfg.lora.lora_r, lora_targets=cfg.lora.lora_targets, int8_params=n_int8,
                               params=n_params))
     return plan
 
@@ -424,14 +423,16 @@ def format_plan(plan: dict) -> str:
 
 
 def plan_for(cfg) -> dict:
-    """train.py --plan-memory: read config.json of cfg.model (and of a reward model), plan, no weights."""
-    name = os.path.join(DEFAULT_DIR, "lm") if cfg.model == "default" else cfg.model
+    """train.py --plan-memory: read config.json of cfg.base.model (and of a reward model), plan, no weights."""
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, plan_memory=True))
+    cfg.validate()  # every flag's domain (a plan may name a GPU this machine lacks)
+    name = os.path.join(DEFAULT_DIR, "lm") if cfg.base.model == "default" else cfg.base.model
     config, raw, path = read_config(name)
     device, _ = target(cfg)
     budget = budget_bytes(cfg, device)
     fb = file_bytes_per_param(raw, path, _count_params(config))
     try:
-        return plan_memory(config, cfg, fb, budget, reward_model_params(cfg.reward), cfg.model)
+        return plan_memory(config, cfg, fb, budget, reward_model_params(cfg.data.reward), cfg.base.model)
     except ValueError as e:  # add_lora's target / layer errors on the meta model
         if isinstance(e, (PlanError, ConfigError)):
             raise
@@ -463,7 +464,7 @@ init_weights(model)
 save_model(model, os.path.join(folder, "m"), tokenizer_folder=lm)
 del model
 open("/proc/self/clear_refs", "w").write("5")  # forget the peak of building it
-run(TrainConfig(model=os.path.join(folder, "m"), reward="vader", steps=1, batch_size=2, mini_batch_size=1,
+run(TrainConfig.from_flags(model=os.path.join(folder, "m"), reward="vader", steps=1, batch_size=2, mini_batch_size=1,
                 ppo_epochs=1, eval_size=2, min_new_tokens=2, max_new_tokens=4, out=os.path.join(folder, "run")),
     progress=False)
 print([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1])

@@ -105,7 +105,7 @@ def test_a_checkpoint_interrupted_after_its_adapter_keeps_the_previous_checkpoin
     (tmp_path / "p.txt").write_text("the movie was\nhello world\n")
     cfg = dict(model=str(tmp_path / "m"), prompts=str(tmp_path / "p.txt"), reward="vader", batch_size=2,
                mini_batch_size=2, ppo_epochs=1, min_new_tokens=2, max_new_tokens=3, eval_size=2, save_every=1)
-    run(TrainConfig(steps=1, out=str(tmp_path / "run"), **cfg), progress=False)
+    run(TrainConfig.from_flags(steps=1, out=str(tmp_path / "run"), **cfg), progress=False)
     step1 = tmp_path / "run" / "checkpoints" / "step-000001"
     state_before = (step1 / "trainer_state.json").read_text()
     # a second checkpoint into the same folder name, interrupted after its adapter and value head were written
@@ -134,7 +134,7 @@ def resume_trainer(tmp_path, cfg):
 
     model = lora.add_lora(minirlhf.load_model(cfg["model"]), r=8, alpha=16, dropout=0.0)
     tok = minirlhf.load_tokenizer(cfg["model"])
-    return PPOTrainer(model, tok, checked_reward_fn(lambda p, r: [0.0] * len(p), "zero"), TrainConfig(**cfg))
+    return PPOTrainer.for_config(model, tok, checked_reward_fn(lambda p, r: [0.0] * len(p), "zero"), TrainConfig.from_flags(**cfg))
 
 
 def test_every_writer_uses_the_one_atomic_writer():

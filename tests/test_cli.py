@@ -9,7 +9,6 @@ two go through a real subprocess to show the command line itself prints no trace
 import dataclasses
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import torch
 
 from minirlhf import devices, resume
 from minirlhf.cli import UsageError
-from minirlhf.train import TrainConfig, run, validate
+from minirlhf.train import TrainConfig, run
 from tiny import hf_model, save_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,7 +111,7 @@ def call(argv, capsys) -> tuple[int, str]:
 
 
 def test_the_table_names_every_flag():
-    assert set(BAD) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(BAD) == set(TrainConfig().flags())
 
 
 @pytest.mark.parametrize("name, words, message",
@@ -150,11 +149,25 @@ def test_the_command_line_itself_prints_one_line(tiny, tmp_path):
 def test_each_numeric_flag_documents_its_domain():
     """Each field's doc states its domain (the help text is the doc): numbers say their range."""
     from minirlhf.cli import field_docs
+    from minirlhf.options import SECTIONS
 
-    docs = field_docs(TrainConfig)
-    numeric = [f.name for f in dataclasses.fields(TrainConfig) if f.type in (int, float, "int", "float")]
-    for name in numeric:
-        assert any(s in docs[name] for s in (">=", "<=", "> 0", "> 1", "in [", "in (")), (name, docs[name])
+    for _, section, _ in SECTIONS:
+        docs = field_docs(section)
+        for f in dataclasses.fields(section):
+            if f.type in (int, float, "int", "float"):
+                assert any(s in docs[f.name] for s in (">=", "<=", "> 0", "> 1", "in [", "in (")), (f.name, docs[f.name])
+
+
+def test_help_lists_the_flags_by_concern():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--help"], capture_output=True,
+                            text=True, timeout=120)
+    text = result.stdout
+    titles = ["base model and quantization:", "LoRA adapters:", "PPO:", "optimizer:", "sampling:",
+              "prompts, reward and evaluation:", "the run:"]
+    positions = [text.index(t) for t in titles]
+    assert positions == sorted(positions)
+    lora_section = text[text.index("LoRA adapters:"):text.index("\nPPO:")]
+    assert "--lora-r LORA_R" in lora_section and "--gamma" not in lora_section
 
 
 # ---------------------------------------------------------------------------------------------- devices
@@ -176,7 +189,7 @@ def test_device_policy(monkeypatch):
 # ---------------------------------------------------------------------------------------------- resume
 
 def small_run(tiny, out, **kw):
-    return run(TrainConfig(model=str(tiny / "model"), prompts=str(tiny / "prompts.txt"), out=str(out),
+    return run(TrainConfig.from_flags(model=str(tiny / "model"), prompts=str(tiny / "prompts.txt"), out=str(out),
                            **{**SMALL, **kw}), progress=False)
 
 
@@ -201,12 +214,12 @@ def test_resume_refuses_each_flag_that_would_change_the_run(tiny, tmp_path):
              "dtype": ("bfloat16", "--dtype 'bfloat16' differs from the run's 'float32'")}
     for name, (value, message) in cases.items():
         with pytest.raises(UsageError, match="^--resume .*" + message.replace("(", r"\(").replace(")", r"\)")):
-            run(TrainConfig(**{**cfg, "steps": 2, name: value}), progress=False)
+            run(TrainConfig.from_flags(**{**cfg, "steps": 2, name: value}), progress=False)
     # two at once: one line naming both
     with pytest.raises(UsageError, match=r"--lr 0.1 differs .*; --seed 3 differs"):
-        run(TrainConfig(**{**cfg, "steps": 2, "lr": 0.1, "seed": 3}), progress=False)
+        run(TrainConfig.from_flags(**{**cfg, "steps": 2, "lr": 0.1, "seed": 3}), progress=False)
     with pytest.raises(UsageError, match="--steps 0 is below|--steps must be >= 1"):
-        run(TrainConfig(**{**cfg, "steps": 0}), progress=False)
+        run(TrainConfig.from_flags(**{**cfg, "steps": 0}), progress=False)
     assert [m["step"] for m in metrics(out)] == [1]  # nothing ran
 
 
@@ -214,7 +227,7 @@ def test_resume_extends_steps_and_allows_what_cannot_change_the_numbers(tiny, tm
     """--steps 1, then --resume with --steps 3 and other memory/observation flags, equals --steps 3 from scratch."""
     small_run(tiny, tmp_path / "full", steps=3)
     small_run(tiny, tmp_path / "part", steps=1)
-    run(TrainConfig(model=str(tiny / "model"), prompts=str(tiny / "prompts.txt"), resume=str(tmp_path / "part"),
+    run(TrainConfig.from_flags(model=str(tiny / "model"), prompts=str(tiny / "prompts.txt"), resume=str(tmp_path / "part"),
                     **{**SMALL, "steps": 3, "save_every": 2, "generation_batch_size": 1,
                        "gradient_checkpointing": True, "memory_gb": 3.0}), progress=False)
     a, b = metrics(tmp_path / "full"), metrics(tmp_path / "part")
@@ -228,13 +241,13 @@ def test_resume_extends_steps_and_allows_what_cannot_change_the_numbers(tiny, tm
 def test_a_fixed_kl_run_resumes(tiny, tmp_path):
     """A run written with --no-adaptive-kl resumes with it (its KL controller state has no target/horizon)."""
     small_run(tiny, tmp_path / "fixed", steps=1, adaptive_kl=False)
-    summary = run(TrainConfig(model=str(tiny / "model"), prompts=str(tiny / "prompts.txt"),
+    summary = run(TrainConfig.from_flags(model=str(tiny / "model"), prompts=str(tiny / "prompts.txt"),
                               resume=str(tmp_path / "fixed"), **{**SMALL, "steps": 2, "adaptive_kl": False}),
                   progress=False)
     assert summary["kl_target"] is None
     assert [m["objective/kl_coef"] for m in metrics(tmp_path / "fixed")] == [0.15, 0.15]
     with pytest.raises(UsageError, match="--adaptive-kl True differs from the run's False"):
-        run(TrainConfig(model=str(tiny / "model"), prompts=str(tiny / "prompts.txt"),
+        run(TrainConfig.from_flags(model=str(tiny / "model"), prompts=str(tiny / "prompts.txt"),
                         resume=str(tmp_path / "fixed"), **{**SMALL, "steps": 3}), progress=False)
 
 
@@ -261,10 +274,9 @@ def test_cuda_rng_state_is_saved_and_restored_on_a_gpu(monkeypatch):
 
 
 def test_validate_accepts_the_defaults_and_edge_values():
-    validate(TrainConfig())
-    validate(TrainConfig(gamma=0.0, lam=1.0, top_p=1.0, top_k=0, vf_coef=0.0, init_kl_coef=0.0, lora_dropout=0.0,
-                         min_new_tokens=16, max_new_tokens=16, lora_targets="attention.dense,dense_4h_to_h"))
-    assert math.isfinite(TrainConfig().lr)
+    TrainConfig.from_flags().validate()
+    TrainConfig.from_flags(gamma=0.0, lam=1.0, top_p=1.0, top_k=0, vf_coef=0.0, init_kl_coef=0.0, lora_dropout=0.0,
+                         min_new_tokens=16, max_new_tokens=16, lora_targets="attention.dense,dense_4h_to_h").validate()
 
 
 # ---------------------------------------------------------------------------------------------- build_default

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from minirlhf import distributed, save_model
 from minirlhf.config import NeoXConfig
 from minirlhf.neox import CausalLM, init_weights
-from minirlhf.train import TrainConfig, UsageError, run, validate
+from minirlhf.train import TrainConfig, UsageError, run
 from tiny import save_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,7 +88,7 @@ def test_two_processes_equal_one_process(workdir, monkeypatch):
     """
     monkeypatch.chdir(workdir)
     one = workdir / "one"
-    run(TrainConfig(model="model", prompts="prompts.txt", reward="toyreward:score", steps=3, out=str(one),
+    run(TrainConfig.from_flags(model="model", prompts="prompts.txt", reward="toyreward:score", steps=3, out=str(one),
                     **SETTINGS), progress=False)
 
     two = workdir / "two"
@@ -110,7 +110,7 @@ def test_two_processes_equal_one_process(workdir, monkeypatch):
     # depends on the number of processes. (torchrun --resume runs the same code on every rank.)
     resumed = workdir / "resumed"
     shutil.copytree(two, resumed, ignore=shutil.ignore_patterns("step-000003"))
-    run(TrainConfig(model="model", prompts="prompts.txt", reward="toyreward:score", steps=3, resume=str(resumed),
+    run(TrainConfig.from_flags(model="model", prompts="prompts.txt", reward="toyreward:score", steps=3, resume=str(resumed),
                     **SETTINGS), progress=False)
     assert_same_metrics(metrics(two), metrics(resumed))
     for key, value in load_file(two / "adapter/adapter_model.safetensors").items():
@@ -184,8 +184,8 @@ def test_no_gloo_thread_outlives_shutdown(workdir):
 def test_mini_batch_must_split_evenly_over_ranks(monkeypatch):
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     with pytest.raises(UsageError, match="--mini-batch-size 4 is not divisible by the 3 processes"):
-        validate(TrainConfig(batch_size=8, mini_batch_size=4))
-    validate(TrainConfig(batch_size=12, mini_batch_size=6))
+        TrainConfig.from_flags(batch_size=8, mini_batch_size=4).validate()
+    TrainConfig.from_flags(batch_size=12, mini_batch_size=6).validate()
 
 
 def test_minibatches_give_every_rank_an_equal_share():

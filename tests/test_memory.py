@@ -18,7 +18,7 @@ DEFAULT_LM = os.path.join(ROOT, "minirlhf", "default", "lm")
 # What train.py does, in a fresh process, then its peak resident set (VmHWM) in MB.
 PEAK_RSS = ("import json, sys\n"
             "from minirlhf.train import TrainConfig, run\n"
-            "run(TrainConfig(**json.loads(sys.argv[1])), progress=False)\n"
+            "run(TrainConfig.from_flags(**json.loads(sys.argv[1])), progress=False)\n"
             "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])\n")
 NEOX_20B = {  # EleutherAI/gpt-neox-20b's config.json, the fields that matter, written by hand
     "architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": 6144, "num_hidden_layers": 44,
@@ -116,7 +116,7 @@ def test_plan_matches_measured_peak_rss(which, tmp_path, request, runtime_mb):
     bound = None
     if which == "default":  # train.py's defaults (batch 32, mini-batch 8, the reward model), one step
         settings = dict(steps=1, eval_size=4)
-        bound = TrainConfig(**settings).max_prompt_tokens  # 64: the plan's bound on a prompt
+        bound = TrainConfig.from_flags(**settings).sampling.max_prompt_tokens  # 64: the plan's bound on a prompt
         settings["max_prompt_tokens"] = 23  # the longest shipped prompt: the same run, a plan for what happens
     elif which == "default_eval":  # ... with the default 512 eval prompts (sampled 32 at a time)
         settings = dict(steps=1, max_prompt_tokens=23)
@@ -128,7 +128,7 @@ def test_plan_matches_measured_peak_rss(which, tmp_path, request, runtime_mb):
                         max_new_tokens=16)
     settings["out"] = str(tmp_path / "run")
     measured = peak_rss_mb(settings, tmp_path)
-    plan = plan_for(TrainConfig(**settings))["totals"]["plain"]
+    plan = plan_for(TrainConfig.from_flags(**settings))["totals"]["plain"]
     planned_tensors, measured_tensors = plan["tensors"] / 1e6, measured - runtime_mb
     planned = planned_tensors + runtime_mb  # the plan's total with this environment's runtime
     print(f"{which}: tensors planned {planned_tensors:.1f} MB, measured {measured_tensors:.1f} MB (peak RSS "
@@ -137,7 +137,7 @@ def test_plan_matches_measured_peak_rss(which, tmp_path, request, runtime_mb):
     assert abs(planned_tensors - measured_tensors) <= TENSOR_TOL * measured_tensors + TENSOR_NOISE_MB
     assert abs(planned - measured) <= TOTAL_TOL * measured, (planned, measured)
     if bound:  # the plan at the default bound: an upper bound of the same run (planned 103.8 MB of tensors)
-        loose = plan_for(TrainConfig(**{**settings, "max_prompt_tokens": bound}))["totals"]["plain"]
+        loose = plan_for(TrainConfig.from_flags(**{**settings, "max_prompt_tokens": bound}))["totals"]["plain"]
         assert loose["tensors"] / 1e6 >= measured_tensors
 
 
@@ -233,7 +233,7 @@ UPDATE_CKPT = b * T * (L * C * 2 + BLOCK) + HEAD + UPDATE_COMMON  # every block'
 
 def test_gpt_neox_20b_plan_by_hand(neox20b):
     """Every row of the README's 20B plan printout, and its totals, against the arithmetic above."""
-    plan = plan_for(TrainConfig(model=neox20b, **SEED_20B))
+    plan = plan_for(TrainConfig.from_flags(model=neox20b, **SEED_20B))
     rows = {r["name"]: (r["plain"], r["ckpt"]) for r in plan["rows"]}
     kv, prefill = generation_bytes(256)
     expected = {**{k: (v, v) for k, v in HELD.items()},
@@ -272,7 +272,7 @@ def test_gpt_neox_20b_plan_by_hand(neox20b):
 def test_gpt_neox_20b_generating_16_at_a_time(neox20b, checkpointing):
     """README: --generation-batch-size 16 moves the peak to the update: 25.8 GB without gradient checkpointing
     (1.8 GB over 24), 23.3 GB with it (fits, 0.7 GB to spare)."""
-    plan = plan_for(TrainConfig(model=neox20b, **SEED_20B, generation_batch_size=16,
+    plan = plan_for(TrainConfig.from_flags(model=neox20b, **SEED_20B, generation_batch_size=16,
                                 gradient_checkpointing=checkpointing))
     kv, prefill = generation_bytes(16)  # the KV cache and prompt pass of 16 rows, not 256
     assert {r["name"]: r["plain"] for r in plan["rows"] if r["phase"] == "generation"} == {

@@ -50,23 +50,19 @@ def config(**kw):
     base = dict(batch_size=8, mini_batch_size=4, ppo_epochs=2, lr=1e-2, min_new_tokens=4, max_new_tokens=6,
                 init_kl_coef=0.01, eval_size=4, save_every=2, seed=0)
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_flags(**base)
 
 
 def test_step0_kl_is_zero_and_ratio_is_one(sharp_model):
     tok = minirlhf.load_tokenizer(sharp_model)
     model = add_lora(minirlhf.load_model(sharp_model), r=4, alpha=8, dropout=0.0, target_modules="all-linear")
     cfg = config(batch_size=8, mini_batch_size=4, ppo_epochs=1)
-    trainer = PPOTrainer(model, tok, checked_reward_fn(lambda p, r: [1.0] * len(p), "one"), cfg)
+    trainer = PPOTrainer.for_config(model, tok, checked_reward_fn(lambda p, r: [1.0] * len(p), "one"), cfg)
     r = trainer.rollout(PROMPTS[:4] * 2)
     assert torch.equal(r.logprobs, r.ref_logprobs)  # B = 0: the policy IS the reference, bit for bit
-    from minirlhf.ppo import compute_advantages, compute_rewards
-
-    mask = r.response_mask.float()
-    rewards, _, kls = compute_rewards(r.scores, r.logprobs, r.ref_logprobs, mask, 0.2)
-    assert kls.abs().max().item() == 0.0
-    values, adv, ret = compute_advantages(r.values, rewards, mask, cfg.gamma, cfg.lam)
-    stats = trainer.update(r, values, adv, ret)
+    batch = trainer.advantages(r, kl_coef=0.2)  # KL-shaped rewards and GAE on the (gathered) batch
+    assert batch.kls.abs().max().item() == 0.0
+    stats = trainer.update(r, batch)
     first = stats[0]  # the first minibatch runs before any optimizer step
     assert torch.all(first["policy/ratio"] == 1.0), first["policy/ratio"]
     assert first["policy/approxkl"].item() == 0.0 and first["policy/clipfrac"].item() == 0.0
@@ -80,11 +76,11 @@ def test_generation_in_chunks_gives_the_same_rollouts(sharp_model, monkeypatch):
     prompts = PROMPTS + PROMPTS[:1]  # 7 rows: chunks of 3, 3 and 1, of different prompt lengths
     limits = torch.tensor([6, 2, 5, 6, 3, 4, 6])
     noise = torch.rand(len(prompts), 6, generator=torch.Generator().manual_seed(0))
-    whole = PPOTrainer(model, tok, None, config(min_new_tokens=1)).sample(prompts, limits, noise=noise)
+    whole = PPOTrainer.for_config(model, tok, None, config(min_new_tokens=1)).sample(prompts, limits, noise=noise)
     calls = []
     monkeypatch.setattr(trainer_module, "generate", lambda model, ids, *a, **kw: calls.append(len(ids)) or
                         generate(model, ids, *a, **kw))
-    chunked = PPOTrainer(model, tok, None, config(min_new_tokens=1, generation_batch_size=3)).sample(
+    chunked = PPOTrainer.for_config(model, tok, None, config(min_new_tokens=1, generation_batch_size=3)).sample(
         prompts, limits, noise=noise)
     for a, b in zip(whole[:4], chunked[:4]):  # ids, mask, tokens, response mask
         assert torch.equal(a, b)
@@ -101,7 +97,7 @@ def test_evaluation_does_not_depend_on_how_many_rows_are_sampled_at_once(sharp_m
     model = minirlhf.load_model(sharp_model)
     prompts = PROMPTS * 2  # 12 eval prompts
     judges = {"length": checked_reward_fn(lambda p, r: [float(len(x)) for x in r], "length")}
-    results = [evaluate(PPOTrainer(model, tok, None, config(**kw)), prompts, judges, seed=3)
+    results = [evaluate(PPOTrainer.for_config(model, tok, None, config(**kw)), prompts, judges, seed=3)
                for kw in (dict(batch_size=12, mini_batch_size=4), dict(batch_size=4), dict(generation_batch_size=5))]
     assert results[0]["responses"] == results[1]["responses"] == results[2]["responses"]
     assert len(set(results[0]["responses"])) > 1  # really sampled
@@ -118,7 +114,7 @@ def test_toy_task_is_learned(sharp_model):
     model = add_lora(minirlhf.load_model(sharp_model, int8=True), r=8, alpha=16, dropout=0.0,
                      target_modules="all-linear")
     cfg = config(batch_size=32, mini_batch_size=8, ppo_epochs=4, min_new_tokens=6, max_new_tokens=8)
-    trainer = PPOTrainer(model, tok, checked_reward_fn(reward, "toy"), cfg)
+    trainer = PPOTrainer.for_config(model, tok, checked_reward_fn(reward, "toy"), cfg)
     history = [trainer.step([PROMPTS[i % 4] for i in range(32)])[0]["env/reward_mean"] for _ in range(40)]
     assert sum(history[:3]) / 3 < 0.1
     assert sum(history[-10:]) / 10 >= 0.3, history
