@@ -240,6 +240,27 @@ def test_triton_matches_reference_with_nan_and_inf():
     assert rel_err(y[good], ref[good]) <= 1e-3
 
 
+def test_cuda_int_mm_pads_decode_rows(monkeypatch):
+    # torch._int_mm on CUDA refuses M <= 16; the reference pads instead of copying W to fp32. Run the
+    # CUDA helper on CPU with a _int_mm that enforces the CUDA rule (CPU _int_mm is exact for M > 16).
+    real = torch._int_mm
+    calls = []
+
+    def cuda_rules(a, b):
+        assert a.shape[0] > 16, "cuBLASLt would refuse this"
+        calls.append(a.shape[0])
+        return real(a, b)
+
+    monkeypatch.setattr(torch, "_int_mm", cuda_rules)
+    w = torch.randint(-127, 128, (24, 64), dtype=torch.int8)
+    for M in (1, 5, 16, 17, 40):
+        a = torch.randint(-127, 128, (M, 64), dtype=torch.int8)
+        out = R._cuda_int_mm(a, w)
+        assert out.shape == (M, 24) and torch.equal(out.long(), a.long() @ w.long().t())
+    assert calls == [32, 32, 32, 17, 40]
+
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU code: no GPU here, but the kernels must still compile for one (the interpreter is more
 # permissive, e.g. about non-constexpr globals). Compile to PTX for sm_90 in a clean process.
