@@ -1,6 +1,6 @@
 """Compile every Triton kernel x autotune config x dtype for sm_80 / sm_89 / sm_90, as a launch would.
 
-    python benchmarks/compile_matrix.py                      # the full matrix (one process, ~10 min on 2 cores)
+    python benchmarks/compile_matrix.py                      # the full matrix (one process, ~4-5 min on 2 cores)
     python benchmarks/compile_matrix.py --arch 90 --dtype fp16 --kernel _int8_matmul_kernel
     python benchmarks/compile_matrix.py --subset ci          # what tests/test_int8_compile.py runs
     python benchmarks/compile_matrix.py --json out.json      # also write every build as JSON

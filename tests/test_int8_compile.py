@@ -7,7 +7,7 @@ the arch's limit, int8 tensor-core MMA in the main loop, outlier product on tens
 cp.async, no approximate division): minirlhf/kernels/compile_check.py.
 
     python -m pytest tests/test_int8_compile.py                  # the CI subset (default suite)
-    python -m pytest tests/test_int8_compile.py -m compile_matrix  # every build (~10 min)
+    python -m pytest tests/test_int8_compile.py -m compile_matrix  # every build (~4-5 min)
 """
 import json
 import os
@@ -31,8 +31,8 @@ def run_matrix(tmp_path, *args, timeout=3000):
     assert out.exists(), (proc.stdout + proc.stderr)[-4000:]
     data = json.loads(out.read_text())
     failing = [b for b in data["builds"] if not b["ok"]]
-    assert not failing, "\n".join(f"{b['kernel']} sm_{b['arch']} {b['dtype']} {b['config']}: {b['problems']} {b['error']}"
-                                  for b in failing)
+    assert not failing, "\n".join(
+        f"{b['kernel']} sm_{b['arch']} {b['dtype']} {b['config']}: {b['problems']} {b['error']}" for b in failing)
     assert proc.returncode == 0, proc.stdout[-4000:]
     return data
 

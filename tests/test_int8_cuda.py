@@ -217,6 +217,7 @@ def test_bench_gpu_section_checks_before_timing(monkeypatch, capsys):
 def test_bench_gpu_flag_refuses_without_a_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.path.dirname(HERE) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "..", "benchmarks", "bench_int8.py"), "--gpu", "--no-bnb"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    bench = os.path.join(HERE, "..", "benchmarks", "bench_int8.py")
+    proc = subprocess.run([sys.executable, bench, "--gpu", "--no-bnb"], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode != 0 and "no CUDA GPU" in proc.stderr

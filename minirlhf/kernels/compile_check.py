@@ -244,7 +244,8 @@ def matrix(archs=ARCHS, dtypes=tuple(DTYPES), kernels=None, configs=None, offset
                         if key in seen:
                             continue
                         seen.add(key)
-                        b = check_build(kernel, args, kw, arch, dtype_name if name != "_compact_columns_kernel" else "-")
+                        shown = dtype_name if name != "_compact_columns_kernel" else "-"
+                        b = check_build(kernel, args, kw, arch, shown)
                         builds.append(b)
                         if on_build:
                             on_build(b)

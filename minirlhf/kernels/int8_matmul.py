@@ -301,7 +301,8 @@ def _gemm_configs():
         # one config, big blocks: autotuning would time kernels with CUDA events, and every
         # program costs ~4 ms per K-step in the interpreter
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages, num_warps=warps)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                          num_stages=stages, num_warps=warps)
             for bm, bn, bk, stages, warps in _GEMM_TILES]
 
 
