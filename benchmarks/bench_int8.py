@@ -3,6 +3,7 @@
     python benchmarks/bench_int8.py                 # CPU always; GPU too when torch.cuda.is_available()
     python benchmarks/bench_int8.py --quick         # fewer shapes and repeats
     python benchmarks/bench_int8.py --shapes 256x1024x4096,1x1024x4096 --threads 2
+    python benchmarks/bench_int8.py --gpu               # GPU only; fails without one
 
 A shape MxKxN is x [M, K] (M tokens) times W [N, K]^T. Times are the median of several runs after
 warmup (wall clock on CPU; torch.cuda.synchronize around each run on a GPU). Activations are
@@ -13,6 +14,9 @@ CPU: ours = the PyTorch reference (torch backend). Its int8 GEMM is torch._int_m
 AVX512-VNNI/AMX int8 (oneDNN), else an fp32 GEMM on the int8 codes (see kernels/reference.py); the
 header says which. bitsandbytes' CPU int8 always calls torch._int_mm, which without VNNI is a scalar
 loop. GPU: ours = the Triton kernels, fp16 activations, against fp16/bf16 F.linear and bitsandbytes.
+Before timing a shape on the GPU, the Triton output is checked against the PyTorch reference on the
+same GPU (minirlhf.kernels.verify: codes, scales, outlier columns bit-identical, output within 1e-3);
+a shape that fails is reported and not timed, and the run exits with status 1.
 """
 import argparse
 import logging
@@ -161,11 +165,12 @@ def bench_cpu_breakdown(M, K, N, n_outliers):
 # ---------------------------------------------------------------------------------------------
 
 
-def bench_gpu(n_outliers, quick, bnb, shapes=None):
+def bench_gpu(n_outliers, quick, bnb, shapes=None, dev="cuda"):
+    """The GPU table; returns the shapes whose outputs failed the check (they are not timed).
+    dev="cpu" runs the same code on the Triton interpreter (how the tests exercise it without a GPU)."""
     from minirlhf.kernels.int8_matmul import triton_int8_linear
 
-    dev = "cuda"
-    sync = torch.cuda.synchronize
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     if shapes is None:
         models = ["410m", "6.9b"] if quick else list(PYTHIA_HIDDEN)
         tokens = [1, 256, 4096] if quick else [1, 16, 128, 512, 2048, 4096]
@@ -175,11 +180,13 @@ def bench_gpu(n_outliers, quick, bnb, shapes=None):
                 shapes += [(M, K, N, f"{model} {name}") for M in tokens]
     else:
         shapes = [(M, K, N, "") for M, K, N in shapes]
-    print(f"## GPU: {torch.cuda.get_device_name()}, fp16 activations, {n_outliers} planted outlier columns\n")
+    name = torch.cuda.get_device_name() if dev == "cuda" else f"{dev} (Triton interpreter)"
+    print(f"## GPU: {name}, fp16 activations, {n_outliers} planted outlier columns\n")
     print("| layer | M x K -> N | fp16 F.linear ms (TFLOP/s) | bf16 F.linear ms (TFLOP/s) "
           "| ours Triton int8 ms (TFLOP/s) | bnb int8 ms | ours speedup vs fp16 | ours speedup vs bnb |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     repeats = 10 if quick else 30
+    failures = []
     for M, K, N, label in shapes:
         w, b = torch.randn(N, K, device=dev) * 0.02, torch.randn(N, device=dev) * 0.02
         x = activations(M, K, n_outliers, torch.float16, dev)
@@ -187,6 +194,11 @@ def bench_gpu(n_outliers, quick, bnb, shapes=None):
         wb, xb, bb = w.bfloat16(), x.bfloat16(), b.bfloat16()
         w_int8, w_scale = reference.quantize_weight(w)
         flops = 2 * M * N * K
+        check = check_outputs(x, w_int8, w_scale, b16)
+        if not check["ok"]:
+            failures.append((M, K, N, label, check))
+            print(f"| {label} | {M} x {K} -> {N} | WRONG OUTPUT, not timed: {check} |||||||")
+            continue
 
         def tf(ms):
             return f"{ms:.3f} ({flops / ms / 1e9:.1f})"
@@ -203,6 +215,17 @@ def bench_gpu(n_outliers, quick, bnb, shapes=None):
         print(f"| {label} | {M} x {K} -> {N} | {tf(t16)} | {tf(tb16)} | {tf(t_ours)} | {fmt(t_bnb, 3)} | "
               f"{t16 / t_ours:.2f}x | {fmt(vs_bnb)}{'x' if vs_bnb else ''} |")
     print()
+    if failures:
+        print(f"{len(failures)} shape(s) gave outputs that differ from the reference: the timings above "
+              "exclude them")
+    return failures
+
+
+def check_outputs(x, w_int8, w_scale, bias, threshold=6.0):
+    """Triton vs the PyTorch reference on these inputs (minirlhf.kernels.verify), before any timing."""
+    from minirlhf.kernels.verify import compare_with_reference
+
+    return compare_with_reference(x, w_int8, w_scale, bias, threshold)
 
 
 def main():
@@ -214,6 +237,8 @@ def main():
     parser.add_argument("--outliers", type=int, default=4, help="planted outlier feature columns (x30)")
     parser.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes")
     parser.add_argument("--cpu-only", action="store_true", help="skip the GPU section")
+    parser.add_argument("--gpu", action="store_true", help="only the GPU section (checked, then timed); "
+                        "exits 1 without a GPU or if an output is wrong")
     args = parser.parse_args()
 
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -224,11 +249,15 @@ def main():
     bnb = None if args.no_bnb else try_import_bnb()
     shapes = parse_shapes(args.shapes) if args.shapes else None
 
+    if args.gpu and not torch.cuda.is_available():
+        raise SystemExit("--gpu: no CUDA GPU visible to torch")
     print(f"torch {torch.__version__}, bitsandbytes {getattr(bnb, '__version__', 'not used')}\n")
-    bench_cpu(shapes or cpu_default_shapes(args.quick), args.outliers, args.quick, bnb)
-    bench_cpu_breakdown(256, 1024, 4096, args.outliers)
+    if not args.gpu:
+        bench_cpu(shapes or cpu_default_shapes(args.quick), args.outliers, args.quick, bnb)
+        bench_cpu_breakdown(256, 1024, 4096, args.outliers)
     if torch.cuda.is_available() and not args.cpu_only:
-        bench_gpu(args.outliers, args.quick, bnb, shapes)
+        if bench_gpu(args.outliers, args.quick, bnb, shapes):
+            raise SystemExit(1)
 
 
 if __name__ == "__main__":

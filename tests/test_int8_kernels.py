@@ -240,50 +240,71 @@ def test_triton_matches_reference_with_nan_and_inf():
     assert rel_err(y[good], ref[good]) <= 1e-3
 
 
-# ---------------------------------------------------------------------------------------------
-# GPU code: no GPU here, but the kernels must still compile for one (the interpreter is more
-# permissive, e.g. about non-constexpr globals). Compile to PTX for sm_90 in a clean process.
-# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("offsets_64", [False, True])
+def test_triton_int64_offsets_give_the_same_numbers(monkeypatch, offsets_64):
+    # the OFFSETS_64 variant is what a launch gets once a tensor spans 2^31 elements; force it here
+    import minirlhf.kernels.int8_matmul as T
 
-COMPILE_SCRIPT = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import minirlhf.kernels.int8_matmul as K
-
-target = GPUTarget("cuda", 90, 32)
-def compile_ptx(fn, signature, constexprs, **opts):
-    src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
-    return triton.compile(src, target=target, options=opts).asm["ptx"]
-
-i32 = "i32"
-flags = compile_ptx(K._outlier_columns_kernel,
-    dict(x_ptr="*fp16", flag_ptr="*i8", M=i32, K=i32, stride_xm=i32, stride_xk=i32, threshold="fp32"),
-    dict(BLOCK_M=64, BLOCK_K=128), num_warps=4)
-quant = compile_ptx(K._quantize_rows_kernel,
-    dict(x_ptr="*bf16", flag_ptr="*i8", q_ptr="*i8", scale_ptr="*fp32", M=i32, K=i32, stride_xm=i32,
-         stride_xk=i32, stride_qm=i32, threshold="fp32"),
-    dict(USE_OUTLIERS=True, BLOCK_M=4, BLOCK_K=512), num_warps=4)
-assert "div.rn.f32" in quant and "cvt.rmi." in quant, "IEEE reciprocal and floor expected"
-gemm_sig = dict(a_ptr="*i8", w_ptr="*i8", row_scale_ptr="*fp32", w_scale_ptr="*fp32", bias_ptr="*fp16",
-                x_ptr="*fp16", cols_ptr="*i32", out_ptr="*fp16", M=i32, N=i32, K=i32, n_out=i32, M_BUCKET=i32,
-                stride_am=i32, stride_ak=i32, stride_wn=i32, stride_wk=i32, stride_xm=i32, stride_xk=i32,
-                stride_om=i32, stride_on=i32)
-gemm = compile_ptx(K._int8_matmul_kernel.fn, gemm_sig,
-    dict(HAS_BIAS=True, OUTLIER_IEEE=False, BLOCK_O=16, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8),
-    num_warps=8, num_stages=3)
-assert ".s8" in gemm and "mma" in gemm, "the main loop should use int8 tensor-core MMA"
-print("compiled")
-"""
+    monkeypatch.setattr(T, "_needs_int64_offsets", lambda *tensors: offsets_64)
+    x, _ = planted(37, 130, 3)
+    w_int8, w_scale = R.quantize_weight(torch.randn(70, 130))
+    b = torch.randn(70)
+    codes, scale, cols = triton_quantize_rows(x, 6.0)
+    ref_codes, ref_scale, ref_cols = R.quantize_rows(x, 6.0)
+    assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale) and torch.equal(cols, ref_cols)
+    assert rel_err(triton_int8_linear(x, w_int8, w_scale, b, 6.0), R.int8_linear(x, w_int8, w_scale, b, 6.0)) <= 1e-3
 
 
-def test_triton_kernels_compile_for_gpu():
-    import os
-    import subprocess
-    import sys
+def test_needs_int64_offsets():
+    from minirlhf.kernels.int8_matmul import _needs_int64_offsets
 
-    import triton.backends.nvidia  # noqa: F401  (ships in every Linux triton wheel)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+    meta = lambda *shape: torch.empty(*shape, dtype=torch.int8, device="meta")  # noqa: E731
+    assert not _needs_int64_offsets(meta(6144, 24576), None)  # the 20B layer at 6144 tokens: 1.5e8
+    assert _needs_int64_offsets(meta(131072, 24576))  # 3.2e9 elements
+    assert not _needs_int64_offsets(meta(2**31 - 1))  # last offset 2^31 - 2
+    assert _needs_int64_offsets(meta(2, 2**30 + 1))  # last offset (2^30 + 1) + 2^30 = 2^31
+    assert not _needs_int64_offsets(meta(0, 2**40))
+
+
+def test_triton_linear_takes_a_strided_bias_and_names_bad_arguments():
+    x, _ = planted(9, 64, 2)
+    w_int8, w_scale = R.quantize_weight(torch.randn(40, 64))
+    b = torch.randn(80)[::2]  # stride 2: the kernel reads bias_ptr + n, so it must be made contiguous
+    assert rel_err(triton_int8_linear(x, w_int8, w_scale, b), R.int8_linear(x, w_int8, w_scale, b)) <= 1e-3
+    bad = [
+        (dict(x=x.long()), TypeError, "input x"),
+        (dict(w_int8=w_int8.float()), TypeError, "w_int8 must be a 2-D int8"),
+        (dict(w_int8=w_int8[:, :32]), ValueError, "x has 64 features"),
+        (dict(w_scale=w_scale[:39]), ValueError, r"w_scale must be a float tensor of shape \(40,\)"),
+        (dict(bias=b[:3]), ValueError, "bias must be"),
+        (dict(w_int8=w_int8.to("meta")), ValueError, "w_int8 is on meta but x is on cpu"),
+        (dict(w_scale=w_scale.to("meta")), ValueError, "w_scale is on meta"),
+        (dict(bias=b.to("meta")), ValueError, "bias is on meta"),
+    ]
+    for change, error, match in bad:
+        args = dict(x=x, w_int8=w_int8, w_scale=w_scale, bias=b) | change
+        with pytest.raises(error, match=match):
+            triton_int8_linear(**args)
+
+
+def test_cuda_int_mm_pads_decode_rows(monkeypatch):
+    # torch._int_mm on CUDA refuses M <= 16; the reference pads instead of copying W to fp32. Run the
+    # CUDA helper on CPU with a _int_mm that enforces the CUDA rule (CPU _int_mm is exact for M > 16).
+    real = torch._int_mm
+    calls = []
+
+    def cuda_rules(a, b):
+        assert a.shape[0] > 16, "cuBLASLt would refuse this"
+        calls.append(a.shape[0])
+        return real(a, b)
+
+    monkeypatch.setattr(torch, "_int_mm", cuda_rules)
+    w = torch.randint(-127, 128, (24, 64), dtype=torch.int8)
+    for M in (1, 5, 16, 17, 40):
+        a = torch.randint(-127, 128, (M, 64), dtype=torch.int8)
+        out = R._cuda_int_mm(a, w)
+        assert out.shape == (M, 24) and torch.equal(out.long(), a.long() @ w.long().t())
+    assert calls == [32, 32, 32, 17, 40]
+
+
+# The kernels compiled for sm_80/89/90 as a launch compiles them: tests/test_int8_compile.py.

@@ -66,6 +66,10 @@ while every partial sum stays below 2^24 (guaranteed for K <= 1040, since 127^2 
 in practice far beyond). bitsandbytes' default backend does the same. That fallback is no faster
 than an fp32 F.linear (it also makes a transient fp32 copy of W, N*K*4 bytes, per call): int8 buys
 speed on CPU only with VNNI/AMX, and memory everywhere.
+
+On CUDA (MINIRLHF_INT8_BACKEND=torch; the default there is Triton) the int8 GEMM is cuBLASLt via
+torch._int_mm, which refuses M <= 16 rows: those are padded to 32 zero rows, so a decode step never
+copies the weight.
 """
 import torch
 
@@ -182,15 +186,35 @@ def _int8_units(a: torch.Tensor) -> bool:
     return a.is_cuda or (a.device.type == "cpu" and CPU_FAST_INT_MM)
 
 
+# cuBLASLt's int8 GEMM (torch._int_mm on CUDA) takes only M > 16 rows; decode steps have M <= 16
+_CUBLASLT_MIN_ROWS = 17
+_DECODE_PAD_ROWS = 32
+
+
 def int8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Exact int8 GEMM: a [M, K] int8 times w [N, K] int8, transposed -> [M, N] int32."""
     M, K = a.shape
     N = w.shape[0]
-    cublaslt_ok = not a.is_cuda or (M > 16 and K % 8 == 0 and N % 8 == 0)  # cuBLASLt int8 constraints
-    if _int8_units(a) and cublaslt_ok:
-        return torch._int_mm(a, w.t())  # w.t() is [K, N] column-major: the layout oneDNN/cuBLAS want
-    # fp32 matmul on integer values: exact while partial sums stay < 2^24 (see module docstring)
+    if _int8_units(a):
+        if not a.is_cuda:
+            return torch._int_mm(a, w.t())  # w.t() is [K, N] column-major: the layout oneDNN/cuBLAS want
+        if K % 8 == 0 and N % 8 == 0:  # cuBLASLt also needs K and N multiples of 8 (every Pythia layer)
+            return _cuda_int_mm(a, w)
+    # fp32 matmul on integer values: exact while partial sums stay < 2^24 (see module docstring).
+    # It makes an fp32 copy of W (N*K*4 bytes) per call: the CPU path without VNNI, and CUDA only
+    # for K or N not a multiple of 8.
     return (a.float() @ w.float().t()).to(torch.int32)
+
+
+def _cuda_int_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """torch._int_mm for any M: a decode step's M <= 16 rows are padded with zero rows to 32
+    (32 x K bytes; zero codes add nothing) instead of falling back to an fp32 copy of W."""
+    M, K = a.shape
+    if M >= _CUBLASLT_MIN_ROWS:
+        return torch._int_mm(a, w.t())
+    padded = a.new_zeros(_DECODE_PAD_ROWS, K)
+    padded[:M] = a
+    return torch._int_mm(padded, w.t())[:M]
 
 
 def int8_linear(
