@@ -48,6 +48,7 @@ from .cli import Parser, UsageError, add_dataclass_flags, fail, flag
 from .config import NeoXConfig
 from .embedded import DEFAULT_DIR
 from .neox import CausalLM, SequenceClassifier, count_params, init_weights, perplexity
+from .rewards import vader_reward
 from .tokenizer import Tokenizer
 
 DATA_NAME = "movieReviewSnippets_GroundTruth.txt"
@@ -287,8 +288,6 @@ def make_prompts(snippets: list[tuple[float, str]], n: int, seed: int) -> list[s
 
 
 def build(cfg: BuildConfig, log=print) -> dict:
-    from .rewards import vader_reward
-
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     with tempfile.TemporaryDirectory() as work:

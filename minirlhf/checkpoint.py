@@ -33,6 +33,7 @@ from torch import nn
 from .atomic import atomic_folder
 from .config import ConfigError, NeoXConfig
 from .neox import CausalLM, SequenceClassifier
+from .quantize import QUANTIZED_LINEARS, is_block_linear, quantize_linear, set_module
 
 # Our parameter name -> the names it may have on disk, first is what we write.
 # transformers 5 calls the LM head `lm_head` in code but still writes `embed_out.weight`.
@@ -40,15 +41,6 @@ HF_NAMES = {"embed_out.weight": ("embed_out.weight", "lm_head.weight")}
 # Buffers that old checkpoints saved and that are not weights: a causal mask, a mask fill value,
 # RoPE frequencies. Skipped on load.
 LEGACY = ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")
-# Linear layers inside the blocks: these go int8 when asked. Embeddings, LayerNorms and the head
-# stay in floating point, as transformers' load_in_8bit does.
-INT8_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-
-
-def goes_int8(module_name: str) -> bool:
-    """Whether load_model(int8=True) quantizes this module: a linear layer inside a block."""
-    return module_name.startswith("gpt_neox.layers.") and module_name.endswith(INT8_LINEARS)
-
 # Files worth fetching from the Hub: never the pickles, never the other frameworks' weights.
 HUB_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
              "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
@@ -59,10 +51,12 @@ class CheckpointError(ValueError):
     """A folder, Hub id or file that cannot be loaded; the message names it and says why."""
 
 
-def resolve(name_or_path: str) -> str:
+def resolve(name_or_path: str, files=HUB_FILES) -> str:
     """A local folder, or a Hub id downloaded into (or found in) the HF cache -> a local folder.
 
-    Honours HF_HUB_OFFLINE=1: then only the cache is consulted.
+    files: the Hub files worth fetching (glob patterns): by default a model's config, tokenizer and safetensors
+    weights; the memory planner asks for config.json alone. Honours HF_HUB_OFFLINE=1: then only the cache is
+    consulted.
     """
     if os.path.isdir(name_or_path):
         return name_or_path
@@ -75,7 +69,7 @@ def resolve(name_or_path: str) -> str:
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
-        return snapshot_download(repo_id=name_or_path, allow_patterns=HUB_FILES)
+        return snapshot_download(repo_id=name_or_path, allow_patterns=list(files))
     except LocalEntryNotFoundError:
         raise CheckpointError(f"{name_or_path}: not a local folder, and not in the Hugging Face cache "
                               f"(offline, or the Hub could not be reached)") from None
@@ -157,8 +151,8 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device="cp
                                           f"(not in {', '.join(os.path.basename(f) for f in files)})")
                 tensors[n] = _read(where, disk_name, tuple(getattr(module, n).shape))
                 used.add(disk_name)
-            if int8 and goes_int8(module_name):
-                _set_module(model, module_name, _int8_linear(tensors, threshold, dtype, device))
+            if int8 and is_block_linear(module_name):
+                set_module(model, module_name, quantize_linear(tensors, threshold, dtype, device))
             else:
                 for n, t in tensors.items():
                     setattr(module, n, nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
@@ -198,31 +192,15 @@ def _read(where, key, shape) -> torch.Tensor:
     return t
 
 
-def _int8_linear(tensors, threshold, dtype, device):
-    from .int8 import Int8Linear
-
-    weight = tensors["weight"].to(device=device, dtype=torch.float32)  # quantize from full precision
-    bias = tensors.get("bias")
-    bias = None if bias is None else bias.to(device=device, dtype=dtype)
-    return Int8Linear.from_weight(weight, bias, threshold=threshold)
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent), leaf, new)
-
-
 def float_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights under their on-disk names, int8 layers dequantized, a tied head once."""
-    from .int8 import Int8Linear
-
+    """The model's weights under their on-disk names, quantized layers dequantized, a tied head once."""
     state = {}
     for module_name, module in model.named_modules():
         if module_name.endswith(("lora_A", "lora_B")):
             raise CheckpointError("the model still has LoRA adapters: merge them first (merge_and_unload) "
                                   "or save them with save_adapter")
         prefix = f"{module_name}." if module_name else ""
-        if isinstance(module, Int8Linear):
+        if isinstance(module, QUANTIZED_LINEARS):
             state[prefix + "weight"] = module.dequantize()
             if module.bias is not None:
                 state[prefix + "bias"] = module.bias.detach()

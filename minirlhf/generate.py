@@ -40,7 +40,7 @@ def sample(logits: torch.Tensor, generator: torch.Generator | None = None,
            u: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row from softmax(logits) [B, V] -> [B], by inverting the CDF with one uniform number
     per row: token = first index whose cumulative probability exceeds u. (torch.multinomial draws V
-    exponentials per row instead, 4x slower at Pythia's 50k vocabulary.) Tokens of probability 0
+    exponentials per row instead: V times the random numbers, slow at Pythia's 50k vocabulary.) Tokens of probability 0
     (filtered to -inf) can never be drawn: their CDF step is flat. u [B] in [0, 1): given, or drawn from
     generator."""
     probs = logits.softmax(-1)

@@ -70,6 +70,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .atomic import atomic_folder
+from .quantize import is_linear, set_module
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -87,23 +88,6 @@ UNSUPPORTED = ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "modules
 
 class AdapterError(ValueError):
     """A bad adapter folder, or one that does not fit the model."""
-
-
-def _int8_linear_class():
-    """Int8Linear (int8.py) if it is available. Imported lazily so LoRA on float models has no
-    dependency on the int8 module (and on Triton, which it may pull in)."""
-    try:
-        from .int8 import Int8Linear
-    except ModuleNotFoundError as e:
-        if e.name != "minirlhf.int8":
-            raise
-        return None
-    return Int8Linear
-
-
-def _is_linear(module: nn.Module) -> bool:
-    int8 = _int8_linear_class()
-    return isinstance(module, nn.Linear) or (int8 is not None and isinstance(module, int8))
 
 
 def _check_r_and_dropout(r, dropout) -> None:
@@ -240,7 +224,7 @@ def _candidates(model: nn.Module) -> list[str]:
     (same name); the Linear inside it and its lora_A / lora_B are not candidates themselves."""
     wrapped = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     return [n for n, m in model.named_modules()
-            if n in wrapped or (_is_linear(m) and n.rpartition(".")[0] not in wrapped)]
+            if n in wrapped or (is_linear(m) and n.rpartition(".")[0] not in wrapped)]
 
 
 def _targets_of(model: nn.Module, target_modules, layer_ids, layers_pattern: str | None = None) -> list[str]:
@@ -283,12 +267,6 @@ def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at a dotted path, in place (setattr on its parent)."""
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent), leaf, new)
-
-
 def _wrap(model: nn.Module, names: list[str], r: int, alpha: float, dropout: float) -> None:
     """Freeze everything, then wrap each named layer in a LoRALinear whose A and B train."""
     for p in model.parameters():
@@ -297,7 +275,7 @@ def _wrap(model: nn.Module, names: list[str], r: int, alpha: float, dropout: flo
         base = model.get_submodule(name)
         # a new module starts in train mode; follow the layer it wraps (load_model returns eval mode).
         # PEFT's get_peft_model does not: its new layers are in train mode, dropout on, in an eval model.
-        _set_module(model, name, LoRALinear(base, r, alpha, dropout).train(base.training))
+        set_module(model, name, LoRALinear(base, r, alpha, dropout).train(base.training))
 
 
 def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.05,
@@ -433,7 +411,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, m in lora_modules(model):
         if not m.merged:
             m.merge()
-        _set_module(model, name, m.base_layer)
+        set_module(model, name, m.base_layer)
     return model
 
 

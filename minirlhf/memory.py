@@ -1,4 +1,4 @@
-"""Will this RLHF run fit? The memory of one PPO run, planned from config.json alone.
+"""Will this RLHF run fit? The memory of one PPO run, planned from config.json alone, against the device's.
 
 `python train.py --model EleutherAI/gpt-neox-20b --plan-memory` answers before you download 40 GB:
 it reads config.json (nothing else; for a Hub id only that file is fetched), builds the model on
@@ -60,12 +60,11 @@ Total = held + the largest of the three phases, with and without gradient checkp
 
 What is estimated, honestly: activation and working-set counts follow the code's tensors, not a
 trace of the allocator. On a CPU the measured number is the process's peak RSS (VmHWM), which also
-holds the runtime (measured: RUNTIME_CPU_MB) and the C library's free-but-kept heap; the plan's
-tensors (totals["tensors"], the total less the runtime) are tested to be within 20% + 15 MB of the
-measured peak RSS less a bare process's, and its totals within 11%, for the embedded model and a
-Pythia-70m-shaped one (tests/test_memory.py; identical small runs differ by up to ~30 MB of RSS). On a GPU the comparable number is torch.cuda.max_memory_allocated, which
-excludes the CUDA context (a few hundred MB, outside the allocator) and the caching allocator's
-fragmentation; the GPU plan has not been measured yet (no GPU was available to this project).
+holds the runtime (RUNTIME_CPU_MB) and the C library's free-but-kept heap, so tests/test_memory.py
+checks the plan's tensors (totals["tensors"], the total less the runtime) against the measured peak
+RSS less a bare process's, and the totals against the peak RSS, at the tolerances the README states.
+On a GPU the comparable number is torch.cuda.max_memory_allocated, which excludes the CUDA context
+(a few hundred MB, outside the allocator) and the caching allocator's fragmentation.
 Not counted: a `module:function` reward's own memory, and the scoring passes of the rollout
 (no gradients; they need less than the update).
 """
@@ -76,22 +75,24 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 
 import torch
 
 from . import devices
-from .checkpoint import goes_int8
+from .checkpoint import resolve
 from .config import ConfigError, NeoXConfig
 from .embedded import DEFAULT_DIR
 from .int8 import Int8Linear
 from .lora import add_lora, lora_modules, parse_targets
 from .neox import CausalLM, SequenceClassifier, count_params
+from .quantize import quantize_on_meta
 
 MB, GB = 1e6, 1e9
 # Peak RSS (MB) of `train.py` on a model too small to matter (measure_runtime_mb below): Python,
-# torch (including what torch imports the first time a module is built on the meta device, ~150 MB),
-# tokenizers, tqdm, VADER and matplotlib. Measured on this project's 2-core Xeon, torch 2.13.0 CPU,
-# Python 3.11, OMP_NUM_THREADS=1: 457.8 and 458.1 MB in two runs. Re-measure after upgrading torch:
+# torch (including what torch imports the first time a module is built on the meta device), tokenizers,
+# tqdm, VADER and matplotlib. It depends on the environment (the README's planner section says where it
+# was measured); re-measure after upgrading torch:
 #     python -c "from minirlhf.memory import measure_runtime_mb; print(measure_runtime_mb())"
 RUNTIME_CPU_MB = 458.0
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -106,34 +107,14 @@ class PlanError(ValueError):
 # ------------------------------------------------------------------------------------------------
 
 def config_path(name_or_path: str) -> str:
-    """The local config.json of a model folder, a config.json path, or a Hub id (downloads that one
-    file into the Hugging Face cache; HF_HUB_OFFLINE=1 reads the cache only)."""
-    if os.path.isdir(name_or_path):
-        path = os.path.join(name_or_path, "config.json")
-        if not os.path.isfile(path):
-            raise PlanError(f"{path}: file not found (a model folder needs config.json)")
-        return path
+    """The local config.json of a model folder, a config.json path, or a Hub id (checkpoint.resolve fetches that
+    one file into the Hugging Face cache; HF_HUB_OFFLINE=1 reads the cache only)."""
     if os.path.isfile(name_or_path):
         return name_or_path
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or not name_or_path
-    if looks_local or name_or_path.endswith(".json"):
-        raise PlanError(f"{name_or_path}: no such folder or file")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
-
-    try:
-        return hf_hub_download(repo_id=name_or_path, filename="config.json")
-    except LocalEntryNotFoundError:
-        raise PlanError(f"{name_or_path}: not a local folder, and its config.json is not in the Hugging Face "
-                        "cache (offline, or the Hub could not be reached)") from None
-    except HFValidationError:
-        raise PlanError(f"{name_or_path}: not a local folder and not a valid Hub id") from None
-    except EntryNotFoundError:
-        raise PlanError(f"{name_or_path}: the Hub repository has no config.json") from None
-    except Exception as e:  # repository not found, gated, HTTP errors: one line each
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise PlanError(f"{name_or_path}: could not download config.json from the Hub "
-                        f"({type(e).__name__}: {first})") from None
+    path = os.path.join(resolve(name_or_path, files=("config.json",)), "config.json")
+    if not os.path.isfile(path):
+        raise PlanError(f"{path}: file not found (a model folder needs config.json)")
+    return path
 
 
 def read_config(name_or_path: str) -> tuple[NeoXConfig, dict, str]:
@@ -166,13 +147,8 @@ def meta_model(config: NeoXConfig, cfg, dtype: torch.dtype):
 
     with torch.device("meta"):
         model = CausalLM(config).to(dtype)
-        if cfg.base.int8:
-            for name, module in list(model.named_modules()):
-                if goes_int8(name):
-                    int8 = Int8Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                      dtype=dtype)
-                    parent, _, leaf = name.rpartition(".")
-                    setattr(model.get_submodule(parent), leaf, int8)
+    if cfg.base.int8:
+        quantize_on_meta(model, dtype)
     add_lora(model, r=cfg.lora.lora_r, alpha=cfg.lora.lora_alpha, dropout=cfg.lora.lora_dropout,
              target_modules=parse_targets(cfg.lora.lora_targets), layers=cfg.lora.lora_layers or None)
     return model
@@ -275,73 +251,116 @@ def reward_model_params(spec: str) -> tuple[int, str] | None:
         return count_params(SequenceClassifier(config)), spec
 
 
+@dataclass
+class Sizes:
+    """The numbers every row of the plan is made of (the notation of the module docstring)."""
+    L: int  # blocks
+    C: int  # hidden size
+    H: int  # heads
+    D: int  # head size
+    F: int  # MLP width
+    V: int  # vocabulary
+    B: int  # rows sampled together: a chunk of a rollout or of the evaluation (they hold the KV cache)
+    b: int  # rows per minibatch
+    P: int  # prompt tokens (the bound)
+    N: int  # response tokens (the bound)
+    s: int  # bytes per float of the run's dtype
+    fb: int  # bytes per float in the checkpoint file
+    trainable: int  # adapters + value head parameters
+
+    @property
+    def T(self) -> int:
+        return self.P + self.N
+
+
+class Rows(list):
+    """The plan's rows: (phase, component, shape, bytes without / with gradient checkpointing)."""
+
+    def add(self, phase, name, shape, plain, ckpt=None):
+        self.append(dict(phase=phase, name=name, shape=shape, plain=float(plain),
+                         ckpt=float(plain if ckpt is None else ckpt)))
+
+
 def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[float, str] | None = None,
                 reward: tuple[int, str] | None = None, model_name: str = "") -> dict:
     """The plan: rows (component, shape, bytes without / with gradient checkpointing, phase) and
     totals["plain" | "ckpt"] = held, phases, peak_phase, total, runtime (the CPU runtime row, 0 on a
     GPU) and tensors (total - runtime). file_bytes: bytes per float in the checkpoint file (0 = fp32)."""
     device, dtype_name = target(cfg)
-    s = BYTES[dtype_name]
-    fb = file_bytes or 4
     model = meta_model(config, cfg, getattr(torch, dtype_name))
     pb = _param_bytes(model)
-    L, C, H, D = config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.head_size
-    F, V = config.intermediate_size, config.vocab_size
-    # rows sampled together hold the KV cache: a chunk of a rollout or of the evaluation
-    B = min(max(cfg.ppo.batch_size, cfg.data.eval_size), cfg.sampling.generation_batch_size or cfg.ppo.batch_size)
-    b = cfg.ppo.mini_batch_size
-    P, N = cfg.sampling.max_prompt_tokens, cfg.sampling.max_new_tokens
-    T = P + N
-    trainable = pb["lora_params"] + C + 1  # adapters + value head
-    rows = []
+    batch = cfg.ppo.batch_size
+    z = Sizes(L=config.num_hidden_layers, C=config.hidden_size, H=config.num_attention_heads, D=config.head_size,
+              F=config.intermediate_size, V=config.vocab_size,
+              B=min(max(batch, cfg.data.eval_size), cfg.sampling.generation_batch_size or batch),
+              b=cfg.ppo.mini_batch_size, P=cfg.sampling.max_prompt_tokens, N=cfg.sampling.max_new_tokens,
+              s=BYTES[dtype_name], fb=file_bytes or 4, trainable=pb["lora_params"] + config.hidden_size + 1)
+    int8, on_cpu = cfg.base.int8, device == "cpu"
+    # same dtype in file and run, on a CPU: the float tensors are views of the memory-mapped file
+    aliased = on_cpu and z.fb == z.s
+    runtime = RUNTIME_CPU_MB * MB if on_cpu else 0.0  # a constant, not the run's tensors
+    n_params = pb["int8_params"] + (pb["embeddings"] + pb["other_float"]) // z.s  # what the file holds
+    rows = Rows()
+    held_rows(rows, z, pb, cfg, config, dtype_name, reward, aliased, runtime)
+    loading_rows(rows, z, pb, n_params, int8, on_cpu, aliased)
+    generation_rows(rows, z, pb, int8, on_cpu)
+    update_rows(rows, z, pb, cfg, config, model, device)
+    return dict(model=model_name, device=device, dtype=dtype_name, rows=rows, totals=totals(rows, runtime),
+                int8=int8, checkpointing=cfg.base.gradient_checkpointing, budget=budget,
+                settings=dict(batch=batch, generation_batch=z.B, mini_batch=z.b, prompt=z.P, response=z.N,
+                              lora_r=cfg.lora.lora_r, lora_targets=cfg.lora.lora_targets,
+                              int8_params=pb["int8_params"], params=n_params))
 
-    def row(phase, name, shape, plain, ckpt=None):
-        rows.append(dict(phase=phase, name=name, shape=shape, plain=float(plain),
-                         ckpt=float(plain if ckpt is None else ckpt)))
 
-    # held for the whole run
-    n_int8 = pb["int8_params"]
-    if cfg.base.int8:
-        row("held", "int8 weights (blocks' linear layers)", f"{n_int8 / 1e6:,.1f}M params x 1 B", pb["int8"])
-        row("held", "int8 row scales", f"{L} x (5C + F) x fp32", pb["scales"])
-    row("held", f"float parts: embeddings + head ({dtype_name})",
-        f"[{V}, {C}] x {1 if config.tie_word_embeddings else 2}", pb["embeddings"])
-    row("held", f"float parts: norms, biases{'' if cfg.base.int8 else ', linear layers'} ({dtype_name})",
-        f"{(pb['other_float'] // s) / 1e6:,.2f}M params", pb["other_float"])
-    row("held", "LoRA A, B (fp32)", f"{pb['lora_params'] / 1e6:,.2f}M params, r={cfg.lora.lora_r}", pb["lora"])
-    row("held", "AdamW state (exp_avg, exp_avg_sq)", f"2 x {trainable / 1e6:,.2f}M x fp32", 8 * trainable)
-    row("held", "value head (fp32)", f"Linear({C}, 1)", 4 * (C + 1))
+def held_rows(rows, z: Sizes, pb, cfg, config, dtype_name, reward, aliased, runtime) -> None:
+    """What the run holds from start to end: weights, adapters, optimizer state, the reward model."""
+    n_int8, int8 = pb["int8_params"], cfg.base.int8
+    if int8:
+        rows.add("held", "int8 weights (blocks' linear layers)", f"{n_int8 / 1e6:,.1f}M params x 1 B", pb["int8"])
+        rows.add("held", "int8 row scales", f"{z.L} x (5C + F) x fp32", pb["scales"])
+    rows.add("held", f"float parts: embeddings + head ({dtype_name})",
+             f"[{z.V}, {z.C}] x {1 if config.tie_word_embeddings else 2}", pb["embeddings"])
+    rows.add("held", f"float parts: norms, biases{'' if int8 else ', linear layers'} ({dtype_name})",
+             f"{(pb['other_float'] // z.s) / 1e6:,.2f}M params", pb["other_float"])
+    rows.add("held", "LoRA A, B (fp32)", f"{pb['lora_params'] / 1e6:,.2f}M params, r={cfg.lora.lora_r}", pb["lora"])
+    rows.add("held", "AdamW state (exp_avg, exp_avg_sq)", f"2 x {z.trainable / 1e6:,.2f}M x fp32", 8 * z.trainable)
+    rows.add("held", "value head (fp32)", f"Linear({z.C}, 1)", 4 * (z.C + 1))
     if reward:
-        row("held", "reward model (fp32)", f"{reward[0] / 1e6:,.2f}M params", 4 * reward[0])
-    n_params = pb["int8_params"] + (pb["embeddings"] + pb["other_float"]) // s  # what the file holds
-    aliased = device == "cpu" and fb == s
-    if aliased and cfg.base.int8:
-        # same dtype in file and run: the float tensors are views of the mapped file, the mapping stays,
-        # and the pages the int8 layers were quantized from stay resident with it
-        row("held", "checkpoint pages still mapped (CPU)", f"{n_int8 / 1e6:,.1f}M x {fb} B", n_int8 * fb)
-    runtime = RUNTIME_CPU_MB * MB if device == "cpu" else 0.0  # a constant, not the run's tensors
-    if device == "cpu":
-        row("held", "runtime: python + torch (CPU process)", "measured, RUNTIME_CPU_MB", runtime)
+        rows.add("held", "reward model (fp32)", f"{reward[0] / 1e6:,.2f}M params", 4 * reward[0])
+    if aliased and int8:
+        # the mapping stays, and the pages the int8 layers were quantized from stay resident with it
+        rows.add("held", "checkpoint pages still mapped (CPU)", f"{n_int8 / 1e6:,.1f}M x {z.fb} B", n_int8 * z.fb)
+    if runtime:
+        rows.add("held", "runtime: python + torch (CPU process)", "measured, RUNTIME_CPU_MB", runtime)
 
-    # loading
-    if device == "cpu" and not aliased:
-        row("loading", "checkpoint file, memory-mapped (CPU)", f"{n_params / 1e6:,.1f}M x {fb} B", n_params * fb)
-    if cfg.base.int8:
+
+def loading_rows(rows, z: Sizes, pb, n_params: int, int8: bool, on_cpu: bool, aliased: bool) -> None:
+    """The peak while loading: the mapped file (CPU), and quantizing the largest layer."""
+    if on_cpu and not aliased:
+        rows.add("loading", "checkpoint file, memory-mapped (CPU)", f"{n_params / 1e6:,.1f}M x {z.fb} B",
+                 n_params * z.fb)
+    if int8:
         per = 5 if aliased else 9
-        row("loading", "quantizing the largest layer", f"[{F}, {C}] x {per} B", per * pb["largest_int8"])
+        rows.add("loading", "quantizing the largest layer", f"[{z.F}, {z.C}] x {per} B", per * pb["largest_int8"])
 
-    # generation
-    row("generation", "KV cache", f"2 x {L} x [{B}, {H}, {T}, {D}] x {s} B", 2 * L * B * H * T * D * s)
+
+def generation_rows(rows, z: Sizes, pb, int8: bool, on_cpu: bool) -> None:
+    """The peak while sampling: the KV cache of B rows, and the larger of the prompt's pass and sampling."""
+    L, B, H, T, D, P, C, F, V, s = z.L, z.B, z.H, z.T, z.D, z.P, z.C, z.F, z.V, z.s
+    rows.add("generation", "KV cache", f"2 x {L} x [{B}, {H}, {T}, {D}] x {s} B", 2 * L * B * H * T * D * s)
     prefill = B * P * (9 * C + 2 * F) * s
-    if device == "cpu":
+    if on_cpu:
         prefill += B * H * P * P * 4  # attention scores of the prompt
-        if cfg.base.int8:  # the int8 product runs as an fp32 GEMM: codes, int32 result, fp32 output, fp32 W copy
+        if int8:  # the int8 product runs as an fp32 GEMM: codes, int32 result, fp32 output, fp32 W copy
             prefill += B * P * (5 * C + 8 * F) + 4 * pb["largest_int8"]
     sampling = 5 * B * V * 4
-    row("generation", "prompt forward pass or token sampling", f"[{B}, {P}] or 5 x [{B}, {V}] fp32",
-        max(prefill, sampling))
+    rows.add("generation", "prompt forward pass or token sampling", f"[{B}, {P}] or 5 x [{B}, {V}] fp32",
+             max(prefill, sampling))
 
-    # update
+
+def update_rows(rows, z: Sizes, pb, cfg, config, model, device: str) -> None:
+    """The peak of one minibatch's forward + backward, with and without gradient checkpointing."""
+    L, b, T, N, C, V, s = z.L, z.b, z.T, z.N, z.C, z.V, z.s
     adapted = _adapted(model, config)
     first = next(i for i, a in enumerate(adapted) if a)
     per_block = [saved_per_token(config, adapted[i], i > first, s, cfg.lora.lora_r, cfg.lora.lora_dropout, T)
@@ -349,32 +368,30 @@ def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[floa
     head = b * T * (C * s + 8) + b * N * C * 4  # final LayerNorm's input; the value head's fp32 input
     kept = b * T * sum(per_block) + head
     kept_ckpt = b * T * ((L - first) * C * s + max(per_block)) + head
-    row("update", "activations kept for backward", f"{L - first} blocks x [{b}, {T}] (ckpt: inputs + 1 block)",
-        kept, kept_ckpt)
-    row("update", "logits at response positions", f"4 x [{b}, {N}, {V}] fp32", 4 * b * N * V * 4)
-    row("update", "gradients through one block", f"[{b}, {T}] x one block's activations",
-        b * T * max(per_block))
+    rows.add("update", "activations kept for backward", f"{L - first} blocks x [{b}, {T}] (ckpt: inputs + 1 block)",
+             kept, kept_ckpt)
+    rows.add("update", "logits at response positions", f"4 x [{b}, {N}, {V}] fp32", 4 * b * N * V * 4)
+    rows.add("update", "gradients through one block", f"[{b}, {T}] x one block's activations",
+             b * T * max(per_block))
     if cfg.base.int8:
-        row("update", "int8 backward: one dequantized weight", f"[{F}, {C}] x 8 B", 8 * pb["largest_int8"])
+        rows.add("update", "int8 backward: one dequantized weight", f"[{z.F}, {C}] x 8 B", 8 * pb["largest_int8"])
     temps = 2 if device == "cuda" else 1  # gradients, + AdamW's foreach temporaries on a GPU
-    row("update", "parameter gradients (+ AdamW temporaries)", f"{temps} x {trainable / 1e6:,.2f}M fp32",
-        4 * temps * trainable)
+    rows.add("update", "parameter gradients (+ AdamW temporaries)", f"{temps} x {z.trainable / 1e6:,.2f}M fp32",
+             4 * temps * z.trainable)
 
-    totals = {}
+
+def totals(rows, runtime: float) -> dict:
+    """held + the largest phase, without ("plain") and with ("ckpt") gradient checkpointing; "tensors" is the
+    total less the runtime row, the part this module plans from config.json."""
+    result = {}
     for key in ("plain", "ckpt"):
         held = sum(r[key] for r in rows if r["phase"] == "held")
         phases = {ph: sum(r[key] for r in rows if r["phase"] == ph) for ph in ("loading", "generation", "update")}
         peak = max(phases, key=phases.get)
         total = held + phases[peak]
-        # tensors: the total less the runtime row, i.e. the part this module plans from config.json
-        totals[key] = dict(held=held, phases=phases, peak_phase=peak, total=total, runtime=runtime,
+        result[key] = dict(held=held, phases=phases, peak_phase=peak, total=total, runtime=runtime,
                            tensors=total - runtime)
-    plan = dict(model=model_name, device=device, dtype=dtype_name, rows=rows, totals=totals, int8=cfg.base.int8,
-                checkpointing=bool(getattr(cfg, "gradient_checkpointing", False)), budget=budget,
-                settings=dict(batch=cfg.ppo.batch_size, generation_batch=B, mini_batch=b, prompt=P, response=N,
-                              lora_r=cfg.lora.lora_r, lora_targets=cfg.lora.lora_targets, int8_params=n_int8,
-                              params=n_params))
-    return plan
+    return result
 
 
 def verdict(total: float, budget: float) -> str:

@@ -225,7 +225,7 @@ class CausalLM(nn.Module):
         """
         h = self.gpt_neox(input_ids, attention_mask, position_ids, cache)
         # A time slice of h is a strided view; F.linear on a strided 3-D input falls back to a batched
-        # matmul with the [V, C] weight expanded per row (2x slower here), so make it contiguous first.
+        # matmul with the [V, C] weight expanded per row (far slower than one GEMM), so make it contiguous first.
         picked = h if logits_positions is None else h[:, logits_positions].contiguous()
         return Output(logits=self.embed_out(picked), hidden_states=h)
 

@@ -34,6 +34,9 @@ import sys
 import numpy as np
 import torch
 
+from .checkpoint import CheckpointError, load_model
+from .tokenizer import load_tokenizer
+
 
 class RewardError(RuntimeError):
     """A reward function raised an exception; the message names the function and the original error."""
@@ -148,9 +151,6 @@ def reward_model_fn(name_or_path: str, device="cpu", batch_size: int = 64, max_l
     alone), left-padded, read at the last real token: one scalar per sample, [n]. The model runs in
     float32 and in eval mode, with no gradients.
     """
-    from .checkpoint import CheckpointError, load_model
-    from .tokenizer import load_tokenizer
-
     model = load_model(name_or_path, device=device, kind="classifier")
     if model.config.num_labels != 1:
         raise CheckpointError(f"{name_or_path}: a reward model needs one output (num_labels = 1), "

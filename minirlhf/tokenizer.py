@@ -17,6 +17,8 @@ import os
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 
+from .checkpoint import CheckpointError, resolve
+
 
 class Tokenizer:
     def __init__(self, tokenizer: HFTokenizer, eos_id: int, pad_id: int):
@@ -78,8 +80,6 @@ def _special(config: dict, name: str):
 
 def load_tokenizer(name_or_path: str) -> Tokenizer:
     """A tokenizer from a checkpoint folder or Hub id (its tokenizer.json)."""
-    from .checkpoint import CheckpointError, resolve
-
     folder = resolve(name_or_path)
     path = os.path.join(folder, "tokenizer.json")
     if not os.path.isfile(path):

@@ -350,7 +350,7 @@ def int8_model(seed=0):
     model = tiny(seed)
     for name, m in list(model.named_modules()):
         if ".layers." in name and isinstance(m, nn.Linear):
-            lora._set_module(model, name, Int8Linear.from_linear(m))
+            lora.set_module(model, name, Int8Linear.from_linear(m))
     return model
 
 

@@ -313,7 +313,7 @@ def test_cli_plans_gpt_neox_20b_against_24_gb(neox20b, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "/nonexistent/model"], "/nonexistent/model: no such folder or file"),
+    (["--model", "/nonexistent/model"], "/nonexistent/model: no such folder"),
     (["--model", "EMPTYDIR"], "config.json: file not found"),
     (["--memory-gb", "-1"], "--memory-gb must be >= 0"),
     (["--lora-targets", "nope"], "--lora-targets must be all-linear or a comma-separated list of"),

@@ -1,0 +1,60 @@
+"""Which layers of a GPT-NeoX are held quantized, and the quantized linear layers: where a new format plugs in.
+
+    load_model(..., int8=True)      quantize_linear(...) for each block linear, tensor by tensor while loading
+    memory.meta_model               quantize_on_meta(...): the same swap, on the meta device, for the planner
+    lora.add_lora                   is_linear(...): adapters go on nn.Linear and on every quantized linear
+    save_model, merge               module.dequantize(): a quantized layer written (or merged) as float
+
+Only the linear layers inside the transformer blocks are quantized (query_key_value, attention.dense,
+dense_h_to_4h, dense_4h_to_h: >95% of a Pythia's parameters). Embeddings, LayerNorms and the LM head stay in
+floating point, as transformers' load_in_8bit does: they are small, and the head's outputs are the log-probs.
+
+A quantized linear is a frozen nn.Module with `from_weight(weight fp32 [out, in], bias, ...)`, a constructor
+`(in_features, out_features, bias=..., dtype=...)` that builds it empty (the planner builds it on the meta
+device), `dequantize() -> fp32 [out, in]`, and a forward whose autograd returns the input's gradient only, so
+LoRA trains through it. Int8Linear (int8.py, LLM.int8()) is the one format so far; a 4-bit one would be a
+module beside int8.py and one more entry in QUANTIZED_LINEARS and in quantize_linear.
+"""
+
+import torch
+from torch import nn
+
+from .int8 import Int8Linear
+
+# The layers that get quantized: a linear layer inside a block.
+BLOCK_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+QUANTIZED_LINEARS = (Int8Linear,)
+
+
+def is_block_linear(module_name: str) -> bool:
+    """Whether load_model(int8=True) quantizes this module: a linear layer inside a block."""
+    return module_name.startswith("gpt_neox.layers.") and module_name.endswith(BLOCK_LINEARS)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A float or quantized linear layer (what LoRA can wrap)."""
+    return isinstance(module, (nn.Linear, *QUANTIZED_LINEARS))
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at a dotted path ("gpt_neox.layers.0.mlp.dense_h_to_4h"), in place."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, new)
+
+
+def quantize_linear(tensors: dict[str, torch.Tensor], threshold: float, dtype: torch.dtype, device) -> nn.Module:
+    """A block linear's tensors as read from the checkpoint ({"weight": [out, in], "bias": [out]}) -> Int8Linear.
+    The weight is quantized from fp32 whatever the file holds; the bias keeps the model's float dtype."""
+    weight = tensors["weight"].to(device=device, dtype=torch.float32)
+    bias = tensors.get("bias")
+    bias = None if bias is None else bias.to(device=device, dtype=dtype)
+    return Int8Linear.from_weight(weight, bias, threshold=threshold)
+
+
+def quantize_on_meta(model: nn.Module, dtype: torch.dtype) -> None:
+    """Swap every block linear of a model on the meta device for an empty Int8Linear of the same shape."""
+    for name, module in list(model.named_modules()):
+        if is_block_linear(name):
+            with torch.device("meta"):
+                empty = Int8Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype)
+            set_module(model, name, empty)
