@@ -15,6 +15,7 @@
                 summary.json           before/after eval metrics, final KL, time
                 config.json            every flag of the run, "auto" resolved
                 adapter/               the trained LoRA adapter, in PEFT's format
+                tokenizer.json         the base's tokenizer (and tokenizer_config.json), for export.py
                 value_head.safetensors
                 checkpoints/step-N/    everything needed to resume exactly (--resume runs/<name>)
 
@@ -35,9 +36,10 @@ from tqdm import tqdm
 
 from . import distributed as dist, resume
 from .atomic import write_text
-from .checkpoint import load_model
+from .checkpoint import load_model, resolve
 from .cli import UsageError, about
 from .embedded import default_path
+from .export import write_tokenizer
 from .lora import add_lora, parse_targets, save_adapter
 from .memory import format_plan, plan_for
 from .options import RESUME_MAY_DIFFER, DataConfig, TrainConfig
@@ -232,7 +234,8 @@ def pick_prompts(prompts: list[str], batch_size: int, trainer) -> list[str]:
 
 
 def write_artifacts(cfg: TrainConfig, job: Job, before: dict, after: dict, seconds: float) -> dict:
-    """adapter/, value_head.safetensors, reward.png, samples.md and summary.json; returns the summary."""
+    """adapter/, the tokenizer, value_head.safetensors, reward.png, samples.md and summary.json; returns the
+    summary."""
     metrics = read_metrics(os.path.join(job.out, "metrics.jsonl"))
     last = metrics[-5:]
     summary = {
@@ -245,6 +248,7 @@ def write_artifacts(cfg: TrainConfig, job: Job, before: dict, after: dict, secon
         "train_seconds_this_invocation": round(seconds, 1),
     }
     save_adapter(job.trainer.model, os.path.join(job.out, "adapter"), base_model_name_or_path=cfg.base.model)
+    write_tokenizer(job.trainer.tokenizer, resolve(model_path(cfg)), job.out)  # python -m minirlhf.export reads it next to adapter/
     resume.save_value_head(job.trainer.value_head, os.path.join(job.out, "value_head.safetensors"))
     plot_curve(metrics, os.path.join(job.out, "reward.png"), summary["kl_target"])
     write_text(os.path.join(job.out, "samples.md"), samples_markdown(before, after, list(job.judges)))
