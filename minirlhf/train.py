@@ -42,6 +42,7 @@ from .embedded import default_path
 from .export import write_tokenizer
 from .lora import add_lora, parse_targets, save_adapter
 from .memory import format_plan, plan_for
+from .model_tree import format_tree
 from .options import RESUME_MAY_DIFFER, DataConfig, TrainConfig
 from .report import append_metrics, plot_curve, read_metrics, samples_markdown
 from .rewards import checked_reward_fn, load_reward_fn, reward_model_fn, vader_reward
@@ -110,6 +111,7 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
 
 def plan_only(cfg: TrainConfig) -> dict:
     plan = plan_for(cfg)
+    print(plan["tree"] + "\n")  # the model the plan is for, as the run would print it at start
     print(format_plan(plan))
     return {"plan": plan}
 
@@ -139,6 +141,8 @@ def build(cfg: TrainConfig, out: str, checkpoint: str | None) -> Job:
     torch.manual_seed(cfg.run.seed)
     prompts, eval_prompts = load_prompts(cfg.data)
     model = build_model(cfg, device, dtype)
+    if dist.is_main():
+        print(format_tree(model), flush=True)  # modules, shapes, int8 and LoRA layers, PEFT's trainable line
     with about("--model"):
         tokenizer = load_tokenizer(model_path(cfg))
     with about("--reward"):
