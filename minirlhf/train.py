@@ -14,6 +14,7 @@
                 samples.md             before/after responses on the eval prompts, with their rewards
                 summary.json           before/after eval metrics, final KL, time
                 config.json            every flag of the run, "auto" resolved
+                tensorboard/, wandb/   with --log-with: the same scalars per step, and the samples (tracking.py)
                 adapter/               the trained LoRA adapter, in PEFT's format
                 tokenizer.json         the base's tokenizer (and tokenizer_config.json), for export.py
                 value_head.safetensors
@@ -47,6 +48,7 @@ from .options import RESUME_MAY_DIFFER, DataConfig, TrainConfig
 from .report import append_metrics, plot_curve, read_metrics, samples_markdown
 from .rewards import checked_reward_fn, load_reward_fn, reward_model_fn, vader_reward
 from .tokenizer import load_tokenizer
+from .tracking import NoTracker, open_tracker
 from .trainer import PPOTrainer
 
 
@@ -103,9 +105,13 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
     job = build(cfg, out, checkpoint)
     before = restore_or_evaluate_before(cfg, job)
     start = time.time()
-    train_loop(cfg, job, progress)
-    after = evaluate(job.trainer, job.eval_prompts, job.judges, eval_seed(cfg))
-    summary = dist.on_main(write_artifacts, cfg, job, before, after, time.time() - start)  # rank 0 writes them
+    tracker = open_tracker(cfg.run.log_with, out, cfg.resolved()) if dist.is_main() else NoTracker()
+    try:
+        train_loop(cfg, job, progress, tracker)
+        after = evaluate(job.trainer, job.eval_prompts, job.judges, eval_seed(cfg))
+        summary = dist.on_main(write_artifacts, cfg, job, before, after, time.time() - start, tracker)  # rank 0
+    finally:
+        tracker.close()
     return summary or {"out": out}
 
 
@@ -210,8 +216,9 @@ def start_run_folder(cfg: TrainConfig, out: str, before: dict) -> None:
     write_text(os.path.join(out, "config.json"), json.dumps(cfg.resolved(), indent=2))
 
 
-def train_loop(cfg: TrainConfig, job: Job, progress: bool) -> None:
-    """PPO steps from the checkpoint's step (or 0) to --steps; rank 0 logs each step and writes checkpoints."""
+def train_loop(cfg: TrainConfig, job: Job, progress: bool, tracker) -> None:
+    """PPO steps from the checkpoint's step (or 0) to --steps; rank 0 logs each step (metrics.jsonl and the
+    --log-with tracker) and writes checkpoints."""
     trainer, main = job.trainer, dist.is_main()
     metrics_path = os.path.join(job.out, "metrics.jsonl")
     config, steps = cfg.resolved(), cfg.run.steps
@@ -222,6 +229,7 @@ def train_loop(cfg: TrainConfig, job: Job, progress: bool) -> None:
         stats = {"step": step + 1, **stats}
         if main:
             append_metrics(metrics_path, stats)
+            tracker.log(stats, step + 1)
             bar.set_postfix(reward=f"{stats['env/reward_mean']:+.3f}", kl=f"{stats['objective/kl']:.2f}",
                             beta=f"{stats['objective/kl_coef']:.3f}")
         if (step + 1) % cfg.run.save_every == 0 or step + 1 == steps:
@@ -237,7 +245,7 @@ def pick_prompts(prompts: list[str], batch_size: int, trainer) -> list[str]:
     return [prompts[i] for i in rows.tolist()]
 
 
-def write_artifacts(cfg: TrainConfig, job: Job, before: dict, after: dict, seconds: float) -> dict:
+def write_artifacts(cfg: TrainConfig, job: Job, before: dict, after: dict, seconds: float, tracker) -> dict:
     """adapter/, the tokenizer, value_head.safetensors, reward.png, samples.md and summary.json; returns the
     summary."""
     metrics = read_metrics(os.path.join(job.out, "metrics.jsonl"))
@@ -255,6 +263,8 @@ def write_artifacts(cfg: TrainConfig, job: Job, before: dict, after: dict, secon
     write_tokenizer(job.trainer.tokenizer, resolve(model_path(cfg)), job.out)  # python -m minirlhf.export reads it next to adapter/
     resume.save_value_head(job.trainer.value_head, os.path.join(job.out, "value_head.safetensors"))
     plot_curve(metrics, os.path.join(job.out, "reward.png"), summary["kl_target"])
-    write_text(os.path.join(job.out, "samples.md"), samples_markdown(before, after, list(job.judges)))
+    samples = samples_markdown(before, after, list(job.judges))
+    write_text(os.path.join(job.out, "samples.md"), samples)
+    tracker.text("samples", samples, cfg.run.steps)  # the before/after table, as text
     write_text(os.path.join(job.out, "summary.json"), json.dumps(summary, indent=2))
     return {**summary, "out": job.out}
