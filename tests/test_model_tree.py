@@ -5,7 +5,6 @@ line PEFT's print_trainable_parameters prints for the same model built by transf
 import itertools
 import re
 
-import pytest
 import torch
 
 from minirlhf.embedded import default_path
