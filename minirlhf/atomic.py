@@ -17,8 +17,9 @@ the old folder aside, renames the new one in, then deletes the old one; a crash 
 leaves the previous version whole under `.old-<name>-*` beside the target. It refuses to replace a folder
 that holds anything the new version would not write (your files next to a saved model are never deleted).
 
-metrics.jsonl is the one file written otherwise: it is an append-only log (one line per step), and
-report.read_metrics drops a line cut by a crash.
+metrics.jsonl is the one file of ours written otherwise: it is an append-only log (one line per step), and
+report.read_metrics drops a line cut by a crash. The --log-with trackers' event files (tracking.py) are
+append-only logs of the same kind, written by TensorBoard or W&B themselves.
 """
 
 import contextlib

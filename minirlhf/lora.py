@@ -316,6 +316,13 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def trainable_line(model: nn.Module) -> str:
+    """PEFT's print_trainable_parameters line: "trainable params: X || all params: Y || trainable%: Z"."""
+    trainable, total = trainable_parameters(model)
+    return (f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+
 def _dropout_p(m: LoRALinear) -> float:
     return m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0
 
@@ -339,9 +346,7 @@ def lora_summary(model: nn.Module) -> str:
         LoRA r=4 alpha=8 (scaling 2) dropout=0.0 on 2 layers, everything else frozen:
           gpt_neox.layers.[1].attention.query_key_value   Linear 64 -> 192
     """
-    trainable, total = trainable_parameters(model)
-    lines = [f"trainable params: {trainable:,d} || all params: {total:,d} || "
-             f"trainable%: {100 * trainable / max(total, 1):.4f}"]
+    lines = [trainable_line(model)]
     modules = lora_modules(model)
     if not modules:
         return lines[0] + "\nno LoRA adapters"
@@ -636,5 +641,5 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
 
 
 __all__ = ["AdapterError", "LoRALinear", "add_lora", "adapter_config", "disable_adapters", "load_adapter",
-           "lora_modules", "lora_summary", "merge_and_unload", "merge_lora", "save_adapter",
+           "lora_modules", "lora_summary", "trainable_line", "merge_and_unload", "merge_lora", "save_adapter",
            "trainable_parameters", "unmerge_lora"]

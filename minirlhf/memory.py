@@ -85,6 +85,7 @@ from .config import ConfigError, NeoXConfig
 from .embedded import DEFAULT_DIR
 from .int8 import Int8Linear
 from .lora import add_lora, lora_modules, parse_targets
+from .model_tree import format_tree
 from .neox import CausalLM, SequenceClassifier, count_params
 from .quantize import quantize_on_meta
 
@@ -306,6 +307,7 @@ def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[floa
     generation_rows(rows, z, pb, int8, on_cpu)
     update_rows(rows, z, pb, cfg, config, model, device)
     return dict(model=model_name, device=device, dtype=dtype_name, rows=rows, totals=totals(rows, runtime),
+                tree=format_tree(model),  # the module tree a run prints at start, from the same meta model
                 int8=int8, checkpointing=cfg.base.gradient_checkpointing, budget=budget,
                 settings=dict(batch=batch, generation_batch=z.B, mini_batch=z.b, prompt=z.P, response=z.N,
                               lora_r=cfg.lora.lora_r, lora_targets=cfg.lora.lora_targets,

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from . import devices, distributed as dist
 from .cli import UsageError, flag
+from .tracking import TRACKERS, missing_package
 
 KL_ESTIMATORS = ("kl", "abs", "mse", "full")
 LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
@@ -209,7 +210,7 @@ class RunConfig:
     resume: str = ""
     """Continue the run in this folder from its latest checkpoint, to the numbers it would have had. A flag that
     would change the run is refused; these may differ: --steps (not below the run's), --save-every,
-    --generation-batch-size, --gradient-checkpointing, --plan-memory, --memory-gb."""
+    --generation-batch-size, --gradient-checkpointing, --plan-memory, --memory-gb, --log-with."""
     save_every: int = 50
     """Write a checkpoint every N steps (and at the end), >= 1."""
     plan_memory: bool = False
@@ -217,12 +218,19 @@ class RunConfig:
     without gradient checkpointing) against the device's memory, reading only config.json, and exit."""
     memory_gb: float = 0.0
     """Memory budget in GB (1e9 bytes) for --plan-memory, >= 0; 0 = this device's memory (the GPU's, else the RAM)."""
+    log_with: str = "none"
+    """Also log every scalar of metrics.jsonl per step, and the before/after samples, to: none, tensorboard
+    (RUN_FOLDER/tensorboard/; needs the tensorboard package) or wandb (offline, RUN_FOLDER/wandb/; needs wandb)."""
 
     def validate(self) -> None:
         for name in ("steps", "save_every"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
         _check(0 <= self.seed < 2**63, "seed", self.seed, "in [0, 2**63)")
         _check(self.memory_gb >= 0, "memory_gb", self.memory_gb, ">= 0")
+        _check(self.log_with in TRACKERS, "log_with", self.log_with, "one of " + ", ".join(TRACKERS))
+        if missing_package(self.log_with):
+            raise UsageError(f"--log-with {self.log_with}: the {missing_package(self.log_with)} package is not "
+                             f"installed (pip install 'minirlhf[{self.log_with}]')")
         if self.out and os.path.exists(self.out) and not os.path.isdir(self.out):
             raise UsageError(f"--out {self.out}: exists and is not a folder")
         if self.resume and self.out and os.path.abspath(self.out) != os.path.abspath(self.resume):
@@ -243,7 +251,7 @@ SECTIONS = (
 # (chunked sampling and recomputed activations give the same values: tests/test_trainer.py and
 # tests/test_gradient_checkpointing.py). --steps may only grow.
 RESUME_MAY_DIFFER = ("steps", "save_every", "generation_batch_size", "gradient_checkpointing", "plan_memory",
-                     "memory_gb", "out", "resume")
+                     "memory_gb", "log_with", "out", "resume")
 
 
 @dataclass

@@ -63,14 +63,17 @@ class Tokenizer:
         rows = ids.tolist() if mask is None else [r[m.bool()].tolist() for r, m in zip(ids, mask)]
         return self.tokenizer.decode_batch(rows, skip_special_tokens=True)
 
+    def special_tokens_config(self) -> dict:
+        """tokenizer_config.json for this tokenizer: what transformers' AutoTokenizer needs to find eos and pad."""
+        eos, pad = self.tokenizer.id_to_token(self.eos_id), self.tokenizer.id_to_token(self.pad_id)
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": eos,
+                "unk_token": eos, "pad_token": pad}
+
     def save(self, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
         self.tokenizer.save(os.path.join(folder, "tokenizer.json"))
-        eos, pad = self.tokenizer.id_to_token(self.eos_id), self.tokenizer.id_to_token(self.pad_id)
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": eos,
-                  "unk_token": eos, "pad_token": pad}
         with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
+            json.dump(self.special_tokens_config(), f, indent=2)
 
 
 def _special(config: dict, name: str):

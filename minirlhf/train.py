@@ -14,7 +14,9 @@
                 samples.md             before/after responses on the eval prompts, with their rewards
                 summary.json           before/after eval metrics, final KL, time
                 config.json            every flag of the run, "auto" resolved
+                tensorboard/, wandb/   with --log-with: the same scalars per step, and the samples (tracking.py)
                 adapter/               the trained LoRA adapter, in PEFT's format
+                tokenizer.json         the base's tokenizer (and tokenizer_config.json), for export.py
                 value_head.safetensors
                 checkpoints/step-N/    everything needed to resume exactly (--resume runs/<name>)
 
@@ -35,15 +37,18 @@ from tqdm import tqdm
 
 from . import distributed as dist, resume
 from .atomic import write_text
-from .checkpoint import load_model
+from .checkpoint import load_model, resolve
 from .cli import UsageError, about
 from .embedded import default_path
+from .export import write_tokenizer
 from .lora import add_lora, parse_targets, save_adapter
 from .memory import format_plan, plan_for
+from .model_tree import format_tree
 from .options import RESUME_MAY_DIFFER, DataConfig, TrainConfig
 from .report import append_metrics, plot_curve, read_metrics, samples_markdown
 from .rewards import checked_reward_fn, load_reward_fn, reward_model_fn, vader_reward
 from .tokenizer import load_tokenizer
+from .tracking import NoTracker, open_tracker
 from .trainer import PPOTrainer
 
 
@@ -100,14 +105,19 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
     job = build(cfg, out, checkpoint)
     before = restore_or_evaluate_before(cfg, job)
     start = time.time()
-    train_loop(cfg, job, progress)
-    after = evaluate(job.trainer, job.eval_prompts, job.judges, eval_seed(cfg))
-    summary = dist.on_main(write_artifacts, cfg, job, before, after, time.time() - start)  # rank 0 writes them
+    tracker = open_tracker(cfg.run.log_with, out, cfg.resolved()) if dist.is_main() else NoTracker()
+    try:
+        train_loop(cfg, job, progress, tracker)
+        after = evaluate(job.trainer, job.eval_prompts, job.judges, eval_seed(cfg))
+        summary = dist.on_main(write_artifacts, cfg, job, before, after, time.time() - start, tracker)  # rank 0
+    finally:
+        tracker.close()
     return summary or {"out": out}
 
 
 def plan_only(cfg: TrainConfig) -> dict:
     plan = plan_for(cfg)
+    print(plan["tree"] + "\n")  # the model the plan is for, as the run would print it at start
     print(format_plan(plan))
     return {"plan": plan}
 
@@ -137,6 +147,8 @@ def build(cfg: TrainConfig, out: str, checkpoint: str | None) -> Job:
     torch.manual_seed(cfg.run.seed)
     prompts, eval_prompts = load_prompts(cfg.data)
     model = build_model(cfg, device, dtype)
+    if dist.is_main():
+        print(format_tree(model), flush=True)  # modules, shapes, int8 and LoRA layers, PEFT's trainable line
     with about("--model"):
         tokenizer = load_tokenizer(model_path(cfg))
     with about("--reward"):
@@ -204,8 +216,9 @@ def start_run_folder(cfg: TrainConfig, out: str, before: dict) -> None:
     write_text(os.path.join(out, "config.json"), json.dumps(cfg.resolved(), indent=2))
 
 
-def train_loop(cfg: TrainConfig, job: Job, progress: bool) -> None:
-    """PPO steps from the checkpoint's step (or 0) to --steps; rank 0 logs each step and writes checkpoints."""
+def train_loop(cfg: TrainConfig, job: Job, progress: bool, tracker) -> None:
+    """PPO steps from the checkpoint's step (or 0) to --steps; rank 0 logs each step (metrics.jsonl and the
+    --log-with tracker) and writes checkpoints."""
     trainer, main = job.trainer, dist.is_main()
     metrics_path = os.path.join(job.out, "metrics.jsonl")
     config, steps = cfg.resolved(), cfg.run.steps
@@ -216,6 +229,7 @@ def train_loop(cfg: TrainConfig, job: Job, progress: bool) -> None:
         stats = {"step": step + 1, **stats}
         if main:
             append_metrics(metrics_path, stats)
+            tracker.log(stats, step + 1)
             bar.set_postfix(reward=f"{stats['env/reward_mean']:+.3f}", kl=f"{stats['objective/kl']:.2f}",
                             beta=f"{stats['objective/kl_coef']:.3f}")
         if (step + 1) % cfg.run.save_every == 0 or step + 1 == steps:
@@ -231,8 +245,9 @@ def pick_prompts(prompts: list[str], batch_size: int, trainer) -> list[str]:
     return [prompts[i] for i in rows.tolist()]
 
 
-def write_artifacts(cfg: TrainConfig, job: Job, before: dict, after: dict, seconds: float) -> dict:
-    """adapter/, value_head.safetensors, reward.png, samples.md and summary.json; returns the summary."""
+def write_artifacts(cfg: TrainConfig, job: Job, before: dict, after: dict, seconds: float, tracker) -> dict:
+    """adapter/, the tokenizer, value_head.safetensors, reward.png, samples.md and summary.json; returns the
+    summary."""
     metrics = read_metrics(os.path.join(job.out, "metrics.jsonl"))
     last = metrics[-5:]
     summary = {
@@ -245,8 +260,11 @@ def write_artifacts(cfg: TrainConfig, job: Job, before: dict, after: dict, secon
         "train_seconds_this_invocation": round(seconds, 1),
     }
     save_adapter(job.trainer.model, os.path.join(job.out, "adapter"), base_model_name_or_path=cfg.base.model)
+    write_tokenizer(job.trainer.tokenizer, resolve(model_path(cfg)), job.out)  # python -m minirlhf.export reads it next to adapter/
     resume.save_value_head(job.trainer.value_head, os.path.join(job.out, "value_head.safetensors"))
     plot_curve(metrics, os.path.join(job.out, "reward.png"), summary["kl_target"])
-    write_text(os.path.join(job.out, "samples.md"), samples_markdown(before, after, list(job.judges)))
+    samples = samples_markdown(before, after, list(job.judges))
+    write_text(os.path.join(job.out, "samples.md"), samples)
+    tracker.text("samples", samples, cfg.run.steps)  # the before/after table, as text
     write_text(os.path.join(job.out, "summary.json"), json.dumps(summary, indent=2))
     return {**summary, "out": job.out}

@@ -78,7 +78,10 @@ BAD = {
     "save_every": [(["0"], "--save-every must be >= 1")],
     "plan_memory": [(["--plan-memory=1"], "ignored explicit argument '1'")],
     "memory_gb": [(["-1"], "--memory-gb must be >= 0")],
+    "log_with": [(["mlflow"], "--log-with must be one of none, tensorboard, wandb, got 'mlflow'")],
 }
+if importlib.util.find_spec("wandb") is None:  # an optional tracker that is not installed is refused up front
+    BAD["log_with"].append((["wandb"], "--log-with wandb: the wandb package is not installed"))
 if not torch.cuda.is_available():  # on a machine without a GPU, asking for one is out of domain too
     BAD["device"].append((["cuda"], "--device cuda: no CUDA GPU is visible on this machine"))
     BAD["dtype"].append((["float16"], "--dtype float16 on CPU"))

@@ -1,0 +1,58 @@
+"""--log-with tensorboard: the event file, read back with tensorboard's own EventAccumulator, holds every scalar of
+metrics.jsonl at its step with its value, and the before/after samples as text; off (the default), nothing else is
+written and metrics.jsonl is the same."""
+
+import json
+
+import numpy as np
+import pytest
+
+from minirlhf.train import TrainConfig, run
+from minirlhf.tracking import scalars
+from tiny import hf_model, save_tokenizer
+
+SMALL = dict(steps=3, batch_size=4, mini_batch_size=2, ppo_epochs=1, min_new_tokens=2, max_new_tokens=4,
+             eval_size=2, save_every=3, seed=0, reward="vader")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tracking")
+    hf_model(seed=0).save_pretrained(tmp / "model")
+    save_tokenizer(tmp / "model")
+    (tmp / "p.txt").write_text("the movie was\nhello world\na dull film\nI loved every\n")
+    common = dict(model=str(tmp / "model"), prompts=str(tmp / "p.txt"), **SMALL)
+    run(TrainConfig.from_flags(out=str(tmp / "tb"), log_with="tensorboard", **common), progress=False)
+    run(TrainConfig.from_flags(out=str(tmp / "plain"), **common), progress=False)
+    return tmp
+
+
+def metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tensorboard_holds_every_scalar_of_metrics_jsonl(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(runs / "tb" / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    rows = metrics(runs / "tb")
+    names = set(scalars(rows[0]))
+    assert {"env/reward_mean", "objective/kl", "objective/kl_coef", "ppo/policy/approxkl"} <= names
+    assert set(acc.Tags()["scalars"]) == names
+    for name in names:
+        events = acc.Scalars(name)
+        assert [e.step for e in events] == [m["step"] for m in rows] == [1, 2, 3]
+        # TensorBoard stores a scalar as float32: the value of metrics.jsonl rounded once, exactly
+        assert [e.value for e in events] == [float(np.float32(m[name])) for m in rows], name
+    text = acc.Tensors("samples/text_summary")
+    assert len(text) == 1 and text[0].step == 3
+    assert text[0].tensor_proto.string_val[0].decode() == (runs / "tb" / "samples.md").read_text()
+
+
+def test_off_by_default_and_the_same_numbers(runs):
+    assert not (runs / "plain" / "tensorboard").exists()
+    a, b = metrics(runs / "tb"), metrics(runs / "plain")
+    for x, y in zip(a, b):
+        assert {k: v for k, v in x.items() if not k.startswith("time/")} == \
+               {k: v for k, v in y.items() if not k.startswith("time/")}
