@@ -41,7 +41,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     rewards, judged = [], []  # each [n, prompts]
     for _ in range(args.n):
-        *_, responses = trainer.sample(prompts, args.tokens, gen)
+        responses = trainer.sample(prompts, args.tokens, gen).responses
         rewards.append(rm(prompts, responses))
         judged.append(torch.as_tensor(vader(prompts, responses), dtype=torch.float32))
     rewards, judged = torch.stack(rewards), torch.stack(judged)

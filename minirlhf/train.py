@@ -75,7 +75,7 @@ def load_reward(spec: str, device):
 def evaluate(trainer, prompts: list[str], judges: dict, seed: int) -> dict:
     """Sample once per eval prompt with a fixed seed and score with every judge."""
     gen = torch.Generator(device=trainer.device).manual_seed(seed)
-    *_, responses = trainer.sample(prompts, trainer.sampling.max_new_tokens, gen)
+    responses = trainer.sample(prompts, trainer.sampling.max_new_tokens, gen).responses
     scores = {name: dist.guarded(fn, prompts, responses).tolist() for name, fn in judges.items()}
     result = {"prompts": prompts, "responses": responses, "scores": scores}
     for name, values in scores.items():

@@ -55,6 +55,16 @@ class Pass:
 
 
 @dataclass
+class Samples:
+    """Sampled responses to B prompts: the tokenized prompts, the response tokens, and the decoded text."""
+    ids: torch.Tensor  # [B, P] prompt tokens, left-padded
+    mask: torch.Tensor  # [B, P]
+    tokens: torch.Tensor  # [B, N] response tokens, right-padded
+    response_mask: torch.Tensor  # [B, N]
+    responses: list[str]
+
+
+@dataclass
 class Rollout:
     """What one step's sampling and scoring produced. b rows (this rank's share under torchrun; all B in one
     process); P prompt columns; N response columns (the longest response of all ranks)."""
@@ -163,24 +173,23 @@ class PPOTrainer:
         noise = torch.rand(len(prompts), self.sampling.max_new_tokens, generator=self.gen, device=self.device)
         mine = dist.my_rows(len(prompts))
         prompts, limits, noise = prompts[mine], limits[mine], noise[mine]
-        ids, mask, tokens, resp_mask, responses = self.sample(prompts, limits, noise=noise)
+        out = self.sample(prompts, limits, noise=noise)
         # every rank pads its responses to the longest of all ranks: the gathered [B, N] tensors need one N
-        N = dist.max_over_ranks(tokens.shape[1])
-        tokens, resp_mask = pad_columns(tokens, N, self.tokenizer.pad_id), pad_columns(resp_mask, N, 0)
+        N = dist.max_over_ranks(out.tokens.shape[1])
+        tokens, resp_mask = pad_columns(out.tokens, N, self.tokenizer.pad_id), pad_columns(out.response_mask, N, 0)
         # the reward is user code: if it raises on one rank, every rank stops here (distributed.guarded)
-        scores = dist.guarded(self.reward_fn, prompts, responses).to(self.device)
-        P = ids.shape[1]
-        seq, seq_mask = torch.cat([ids, tokens], 1), torch.cat([mask, resp_mask], 1)
+        scores = dist.guarded(self.reward_fn, prompts, out.responses).to(self.device)
+        P = out.ids.shape[1]
+        seq, seq_mask = torch.cat([out.ids, tokens], 1), torch.cat([out.mask, resp_mask], 1)
         policy, reference = self.score_pass(seq, seq_mask, P, N)
-        return Rollout(prompts, responses, ids, mask, tokens, resp_mask, scores, policy.logprobs,
+        return Rollout(prompts, out.responses, out.ids, out.mask, tokens, resp_mask, scores, policy.logprobs,
                        reference.logprobs, policy.values, policy.logits, reference.logits)
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], limits, generator: torch.Generator | None = None, noise=None):
+    def sample(self, prompts: list[str], limits, generator: torch.Generator | None = None, noise=None) -> Samples:
         """Tokenize, left-pad and sample responses with the sampling settings (eval mode).
         limits: an int or a [B] tensor of response lengths; the randomness: noise [B, max_new_tokens]
-        uniform numbers (generate.py), or a generator that draws that table up front. Returns ids,
-        mask [B, P], tokens, response mask [B, N] and the decoded responses.
+        uniform numbers (generate.py), or a generator that draws that table up front.
 
         Samples --generation-batch-size rows at a time (default: --batch-size rows, so the evaluation's
         many prompts need no more memory than a rollout): the KV cache grows with the rows sampled
@@ -205,7 +214,7 @@ class PPOTrainer:
         N = max(t.shape[1] for t in tokens)  # chunks may stop at different lengths: pad to the longest
         tokens = torch.cat([pad_columns(t, N, tok.pad_id) for t in tokens])
         resp_mask = torch.cat([pad_columns(m, N, 0) for m in resp_mask])
-        return ids, mask, tokens, resp_mask, tok.decode_batch(tokens.cpu(), resp_mask.cpu())
+        return Samples(ids, mask, tokens, resp_mask, tok.decode_batch(tokens.cpu(), resp_mask.cpu()))
 
     def forward_pass(self, seq, seq_mask, P, N, full_logits=False) -> Pass:
         """seq [b, P+N] -> the policy's (or, with adapters off, the reference's) Pass.

@@ -82,9 +82,9 @@ def test_generation_in_chunks_gives_the_same_rollouts(sharp_model, monkeypatch):
                         generate(model, ids, *a, **kw))
     chunked = PPOTrainer.for_config(model, tok, None, config(min_new_tokens=1, generation_batch_size=3)).sample(
         prompts, limits, noise=noise)
-    for a, b in zip(whole[:4], chunked[:4]):  # ids, mask, tokens, response mask
-        assert torch.equal(a, b)
-    assert whole[4] == chunked[4] and chunked[3].sum(1).tolist() == limits.tolist()
+    for name in ("ids", "mask", "tokens", "response_mask"):
+        assert torch.equal(getattr(whole, name), getattr(chunked, name)), name
+    assert whole.responses == chunked.responses and chunked.response_mask.sum(1).tolist() == limits.tolist()
     assert calls == [3, 3, 1]
 
 
