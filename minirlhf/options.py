@@ -191,8 +191,16 @@ class DataConfig:
     """How many eval prompts to sample and score before and after training, >= 1 (the shipped default has 512:
     one sample each, so a share like rm_positive_frac is measured to about +-0.02)."""
 
+    eval_every: int = 0
+    """Also evaluate every N steps, >= 0, on the first --eval-every-size eval prompts with the same seed each time
+    (points in metrics.jsonl as eval/..., and on reward.png); 0 = only before and after."""
+    eval_every_size: int = 64
+    """How many eval prompts the --eval-every evaluations sample, >= 1 (the first ones of the eval prompts)."""
+
     def validate(self) -> None:
         _check(self.eval_size >= 1, "eval_size", self.eval_size, ">= 1")
+        _check(self.eval_every >= 0, "eval_every", self.eval_every, ">= 0")
+        _check(self.eval_every_size >= 1, "eval_every_size", self.eval_every_size, ">= 1")
         for name in ("reward", "prompts", "eval_prompts"):
             _check(getattr(self, name).strip() != "", name, getattr(self, name), 'a name, a path or "default"')
 
@@ -251,7 +259,7 @@ SECTIONS = (
 # (chunked sampling and recomputed activations give the same values: tests/test_trainer.py and
 # tests/test_gradient_checkpointing.py). --steps may only grow.
 RESUME_MAY_DIFFER = ("steps", "save_every", "generation_batch_size", "gradient_checkpointing", "plan_memory",
-                     "memory_gb", "log_with", "out", "resume")
+                     "memory_gb", "log_with", "eval_every", "eval_every_size", "out", "resume")
 
 
 @dataclass

@@ -32,7 +32,7 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def plot_curve(metrics: list[dict], path: str, kl_target: float | None = None) -> None:
-    """reward.png: reward mean (with +-std band) and KL per step, one panel each."""
+    """reward.png: reward mean (with +-std band, and the --eval-every points) and KL per step, one panel each."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,6 +46,10 @@ def plot_curve(metrics: list[dict], path: str, kl_target: float | None = None) -
     ax1.plot(steps, mean, color="tab:blue", label="reward (batch mean)")
     ax1.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                      color="tab:blue", alpha=0.15, label="+- std")
+    points = [m for m in metrics if "eval/reward_mean" in m]  # --eval-every
+    if points:
+        ax1.plot([m["step"] for m in points], [m["eval/reward_mean"] for m in points], "o-", color="tab:green",
+                 label="eval reward (held-out prompts)")
     ax1.set_xlabel("PPO step"), ax1.set_ylabel("reward"), ax1.legend(loc="lower right"), ax1.grid(alpha=0.3)
     ax2.plot(steps, kl, color="tab:red", label="KL(policy || reference) per sequence")
     if kl_target:

@@ -227,6 +227,8 @@ def train_loop(cfg: TrainConfig, job: Job, progress: bool, tracker) -> None:
     for step in bar:
         stats, _ = trainer.step(pick_prompts(job.prompts, cfg.ppo.batch_size, trainer))  # the same batch on every rank
         stats = {"step": step + 1, **stats}
+        if cfg.data.eval_every and (step + 1) % cfg.data.eval_every == 0:
+            stats.update(eval_point(cfg, job))
         if main:
             append_metrics(metrics_path, stats)
             tracker.log(stats, step + 1)
@@ -235,6 +237,15 @@ def train_loop(cfg: TrainConfig, job: Job, progress: bool, tracker) -> None:
         if (step + 1) % cfg.run.save_every == 0 or step + 1 == steps:
             folder = os.path.join(job.out, "checkpoints", f"step-{step + 1:06d}")
             dist.on_main(resume.save_checkpoint, folder, trainer, config)
+
+
+def eval_point(cfg: TrainConfig, job: Job) -> dict:
+    """--eval-every: the evaluation's numbers on the first --eval-every-size eval prompts, as eval/... keys.
+    Same seed as the before/after evaluations (so these prompts get the same noise rows as there), and its own
+    generator: the training's random streams are untouched, so the run's numbers do not depend on it."""
+    prompts = job.eval_prompts[:cfg.data.eval_every_size]
+    result = evaluate(job.trainer, prompts, job.judges, eval_seed(cfg))
+    return {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)}
 
 
 def pick_prompts(prompts: list[str], batch_size: int, trainer) -> list[str]:

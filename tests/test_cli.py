@@ -79,6 +79,8 @@ BAD = {
     "plan_memory": [(["--plan-memory=1"], "ignored explicit argument '1'")],
     "memory_gb": [(["-1"], "--memory-gb must be >= 0")],
     "log_with": [(["mlflow"], "--log-with must be one of none, tensorboard, wandb, got 'mlflow'")],
+    "eval_every": [(["-1"], "--eval-every must be >= 0, got -1")],
+    "eval_every_size": [(["0"], "--eval-every-size must be >= 1, got 0")],
 }
 if importlib.util.find_spec("wandb") is None:  # an optional tracker that is not installed is refused up front
     BAD["log_with"].append((["wandb"], "--log-with wandb: the wandb package is not installed"))

@@ -230,3 +230,22 @@ def test_cli_unknown_flag_and_help():
                  "--lam", "--cliprange", "--cliprange-value", "--vf-coef", "--min-new-tokens", "--max-new-tokens",
                  "--temperature", "--seed", "--device", "--out", "--resume", "--save-every"):
         assert flag in help_text, flag
+
+
+def test_eval_every_adds_points_and_changes_no_training_number(sharp_model, tmp_path):
+    """--eval-every 2 on a 4-step run: eval/... keys on steps 2 and 4 only; every other number equal to the run
+    without it; and the step-4 point (the final policy, the eval seed, the same 3 prompts as the after-evaluation)
+    equals the after-evaluation exactly."""
+    prompts = write_prompts(tmp_path / "prompts.txt")
+    common = dict(model=sharp_model, reward="vader", prompts=prompts, steps=4, eval_size=3)
+    run(config(out=str(tmp_path / "plain"), **common), progress=False)
+    summary = run(config(out=str(tmp_path / "points"), eval_every=2, eval_every_size=3, **common), progress=False)
+    plain = [json.loads(line) for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
+    points = [json.loads(line) for line in (tmp_path / "points" / "metrics.jsonl").read_text().splitlines()]
+    assert [sorted(k for k in m if k.startswith("eval/")) for m in points] == \
+        [[], ["eval/reward_mean", "eval/rm_positive_frac"], [], ["eval/reward_mean", "eval/rm_positive_frac"]]
+    for a, b in zip(plain, points):
+        assert {k: v for k, v in a.items() if not k.startswith("time/")} == \
+               {k: v for k, v in b.items() if not k.startswith(("time/", "eval/"))}
+    assert points[3]["eval/reward_mean"] == summary["after"]["reward_mean"]
+    assert points[3]["eval/rm_positive_frac"] == summary["after"]["rm_positive_frac"]
