@@ -81,6 +81,7 @@ import torch
 
 from . import devices
 from .checkpoint import resolve
+from .cli import UsageError
 from .config import ConfigError, NeoXConfig
 from .embedded import DEFAULT_DIR
 from .int8 import Int8Linear
@@ -286,6 +287,9 @@ def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[floa
     """The plan: rows (component, shape, bytes without / with gradient checkpointing, phase) and
     totals["plain" | "ckpt"] = held, phases, peak_phase, total, runtime (the CPU runtime row, 0 on a
     GPU) and tensors (total - runtime). file_bytes: bytes per float in the checkpoint file (0 = fp32)."""
+    if cfg.base.quantized() in ("nf4", "fp4"):
+        raise UsageError(f"--plan-memory does not count --quantization {cfg.base.quantized()} yet "
+                         "(4-bit weights, absmax and nested state); plan with int8 or none")
     device, dtype_name = target(cfg)
     model = meta_model(config, cfg, getattr(torch, dtype_name))
     pb = _param_bytes(model)

@@ -137,3 +137,30 @@ def test_bad_inputs_are_one_line_errors():
         NF4Linear(128, 96, blocksize=100)
     with pytest.raises(ValueError, match="^quant_type must be 'nf4' or 'fp4', got 'int4'$"):
         NF4Linear(128, 96, quant_type="int4")
+
+
+def test_load_model_quantizes_to_4bit_and_lora_trains_on_it(tmp_path):
+    from tiny import save_hf
+
+    from minirlhf.checkpoint import load_model
+    from minirlhf.lora import add_lora
+
+    folder = str(tmp_path / "tiny")
+    save_hf(folder, tokenizer=False)
+    ids = torch.randint(0, 100, (2, 9))
+    float_logits = load_model(folder)(ids).logits
+    for quant_type in ("nf4", "fp4"):
+        model = load_model(folder, quantization=quant_type)
+        blocks = [m for n, m in model.named_modules() if n.startswith("gpt_neox.layers.") and is_linear(m)]
+        assert blocks and all(isinstance(m, NF4Linear) and m.quant_type == quant_type for m in blocks)
+        logits = model(ids).logits
+        assert 0 < rel_err(logits, float_logits) <= 0.2, rel_err(logits, float_logits)  # 4-bit, not float
+        add_lora(model, r=2)
+        loss = model(ids).logits.float().logsumexp(-1).mean()
+        loss.backward()
+        grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads[1::2])  # every lora_B
+    with pytest.raises(ValueError, match="^load_model: int8=True conflicts with quantization='nf4'$"):
+        load_model(folder, int8=True, quantization="nf4")
+    with pytest.raises(ValueError, match="^load_model: quantization must be one of none, int8, nf4, fp4, got 'q4'$"):
+        load_model(folder, quantization="q4")
