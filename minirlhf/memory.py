@@ -142,13 +142,13 @@ def file_bytes_per_param(raw: dict, config_file: str, n_params: int) -> int:
 # ------------------------------------------------------------------------------------------------
 
 def meta_model(config: NeoXConfig, cfg, dtype: torch.dtype):
-    """CausalLM with int8 blocks (if cfg.base.int8) and cfg's LoRA adapters, on the meta device: every
+    """CausalLM with int8 blocks (if cfg.base.quantized() is "int8") and cfg's LoRA adapters, on the meta device: every
     parameter has its real shape and dtype and no storage. Same code as train.run: load_model's
     layer choice and add_lora's target rules (so a bad --lora-targets fails here the same way)."""
 
     with torch.device("meta"):
         model = CausalLM(config).to(dtype)
-    if cfg.base.int8:
+    if cfg.base.quantized() == "int8":
         quantize_on_meta(model, dtype)
     add_lora(model, r=cfg.lora.lora_r, alpha=cfg.lora.lora_alpha, dropout=cfg.lora.lora_dropout,
              target_modules=parse_targets(cfg.lora.lora_targets), layers=cfg.lora.lora_layers or None)
@@ -299,7 +299,7 @@ def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[floa
               B=min(max(batch, cfg.data.eval_size), cfg.sampling.generation_batch_size or batch),
               b=cfg.ppo.mini_batch_size, P=cfg.sampling.max_prompt_tokens, N=cfg.sampling.max_new_tokens,
               s=BYTES[dtype_name], fb=file_bytes or 4, trainable=pb["lora_params"] + config.hidden_size + 1)
-    int8, on_cpu = cfg.base.int8, device == "cpu"
+    int8, on_cpu = cfg.base.quantized() == "int8", device == "cpu"
     # same dtype in file and run, on a CPU: the float tensors are views of the memory-mapped file
     aliased = on_cpu and z.fb == z.s
     runtime = RUNTIME_CPU_MB * MB if on_cpu else 0.0  # a constant, not the run's tensors
@@ -318,7 +318,7 @@ def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[floa
 
 def held_rows(rows, z: Sizes, pb, cfg, config, dtype_name, reward, aliased, runtime) -> None:
     """What the run holds from start to end: weights, adapters, optimizer state, the reward model."""
-    n_int8, int8 = pb["int8_params"], cfg.base.int8
+    n_int8, int8 = pb["int8_params"], cfg.base.quantized() == "int8"
     if int8:
         rows.add("held", "int8 weights (blocks' linear layers)", f"{n_int8 / 1e6:,.1f}M params x 1 B", pb["int8"])
         rows.add("held", "int8 row scales", f"{z.L} x (5C + F) x fp32", pb["scales"])
@@ -377,7 +377,7 @@ def update_rows(rows, z: Sizes, pb, cfg, config, model, device: str) -> None:
     rows.add("update", "logits at response positions", f"4 x [{b}, {N}, {V}] fp32", 4 * b * N * V * 4)
     rows.add("update", "gradients through one block", f"[{b}, {T}] x one block's activations",
              b * T * max(per_block))
-    if cfg.base.int8:
+    if cfg.base.quantized() == "int8":
         rows.add("update", "int8 backward: one dequantized weight", f"[{z.F}, {C}] x 8 B", 8 * pb["largest_int8"])
     temps = 2 if device == "cuda" else 1  # gradients, + AdamW's foreach temporaries on a GPU
     rows.add("update", "parameter gradients (+ AdamW temporaries)", f"{temps} x {z.trainable / 1e6:,.2f}M fp32",
