@@ -33,7 +33,7 @@ from torch import nn
 from .atomic import atomic_folder
 from .config import ConfigError, NeoXConfig
 from .neox import CausalLM, SequenceClassifier
-from .quantize import QUANTIZED_LINEARS, is_block_linear, quantize_linear, set_module
+from .quantize import QUANTIZATIONS, QUANTIZED_LINEARS, is_block_linear, quantize_linear, set_module
 
 # Our parameter name -> the names it may have on disk, first is what we write.
 # transformers 5 calls the LM head `lm_head` in code but still writes `embed_out.weight`.
@@ -121,14 +121,21 @@ def _model_class(folder: str, kind: str | None):
 
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device="cpu", int8: bool = False,
-               threshold: float = 6.0, kind: str | None = None) -> nn.Module:
+               threshold: float = 6.0, kind: str | None = None, quantization: str | None = None) -> nn.Module:
     """Load a GPT-NeoX from a folder or Hub id.
 
     kind: "causal_lm" or "classifier"; by default config.json's `architectures` decides.
     int8: quantize the blocks' linear layers to LLM.int8() while loading (embeddings, norms and the
-    head stay in `dtype`). The returned model is in eval mode; nothing in it requires grad until
+    head stay in `dtype`). quantization: "none", "int8", "nf4" or "fp4" (NF4Linear, nf4.py: quantized tensor by
+    tensor the same way); None means "int8" if int8 else "none". The returned model is in eval mode; nothing in it requires grad until
     you add adapters or ask for it.
     """
+    if quantization is None:
+        quantization = "int8" if int8 else "none"
+    elif int8 and quantization != "int8":
+        raise ValueError(f"load_model: int8=True conflicts with quantization={quantization!r}")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"load_model: quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
     folder = resolve(name_or_path)
     config = NeoXConfig.from_json(os.path.join(folder, "config.json"))
     files = weight_files(folder)
@@ -151,8 +158,8 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device="cp
                                           f"(not in {', '.join(os.path.basename(f) for f in files)})")
                 tensors[n] = _read(where, disk_name, tuple(getattr(module, n).shape))
                 used.add(disk_name)
-            if int8 and is_block_linear(module_name):
-                set_module(model, module_name, quantize_linear(tensors, threshold, dtype, device))
+            if quantization != "none" and is_block_linear(module_name):
+                set_module(model, module_name, quantize_linear(tensors, threshold, dtype, device, quantization))
             else:
                 for n, t in tensors.items():
                     setattr(module, n, nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))

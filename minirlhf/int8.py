@@ -106,6 +106,10 @@ class Int8Linear(nn.Module):
         """Quantize an nn.Linear (its weight and bias) into a new Int8Linear."""
         return cls.from_weight(linear.weight, linear.bias, threshold=threshold)
 
+    def quant_args(self) -> dict:
+        """The from_weight arguments that rebuild this layer's format (LoRA's merge requantizes with them)."""
+        return dict(threshold=self.threshold)
+
     def dequantize(self) -> torch.Tensor:
         """The float weight this layer represents: fp32 [out, in] = weight * weight_scale / 127."""
         return reference.dequantize_weight(self.weight, self.weight_scale)

@@ -169,9 +169,9 @@ class LoRALinear(nn.Module):
             base.weight.copy_(weight)  # copy_ casts to the base dtype; the Parameter object is kept
             stored = base.weight.float()
         else:
-            # int8: rows are requantized with fresh absmax scales, which is where the error comes from.
+            # quantized: requantized with fresh scales (int8 rows, 4-bit blocks): that is where the error comes from.
             bias = None if base.bias is None else base.bias.detach()
-            self.base_layer = type(base).from_weight(weight, bias, threshold=base.threshold).train(base.training)
+            self.base_layer = type(base).from_weight(weight, bias, **base.quant_args()).train(base.training)
             stored = self.base_layer.dequantize()
         return (stored - weight).abs().max().item()
 

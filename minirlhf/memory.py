@@ -81,6 +81,7 @@ import torch
 
 from . import devices
 from .checkpoint import resolve
+from .cli import UsageError
 from .config import ConfigError, NeoXConfig
 from .embedded import DEFAULT_DIR
 from .int8 import Int8Linear
@@ -142,13 +143,13 @@ def file_bytes_per_param(raw: dict, config_file: str, n_params: int) -> int:
 # ------------------------------------------------------------------------------------------------
 
 def meta_model(config: NeoXConfig, cfg, dtype: torch.dtype):
-    """CausalLM with int8 blocks (if cfg.base.int8) and cfg's LoRA adapters, on the meta device: every
+    """CausalLM with int8 blocks (if cfg.base.quantized() is "int8") and cfg's LoRA adapters, on the meta device: every
     parameter has its real shape and dtype and no storage. Same code as train.run: load_model's
     layer choice and add_lora's target rules (so a bad --lora-targets fails here the same way)."""
 
     with torch.device("meta"):
         model = CausalLM(config).to(dtype)
-    if cfg.base.int8:
+    if cfg.base.quantized() == "int8":
         quantize_on_meta(model, dtype)
     add_lora(model, r=cfg.lora.lora_r, alpha=cfg.lora.lora_alpha, dropout=cfg.lora.lora_dropout,
              target_modules=parse_targets(cfg.lora.lora_targets), layers=cfg.lora.lora_layers or None)
@@ -287,6 +288,9 @@ def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[floa
     """The plan: rows (component, shape, bytes without / with gradient checkpointing, phase) and
     totals["plain" | "ckpt"] = held, phases, peak_phase, total, runtime (the CPU runtime row, 0 on a
     GPU) and tensors (total - runtime). file_bytes: bytes per float in the checkpoint file (0 = fp32)."""
+    if cfg.base.quantized() in ("nf4", "fp4"):
+        raise UsageError(f"--plan-memory does not count --quantization {cfg.base.quantized()} yet "
+                         "(4-bit weights, absmax and nested state); plan with int8 or none")
     device, dtype_name = target(cfg)
     model = meta_model(config, cfg, getattr(torch, dtype_name))
     pb = _param_bytes(model)
@@ -296,7 +300,7 @@ def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[floa
               B=min(max(batch, cfg.data.eval_size), cfg.sampling.generation_batch_size or batch),
               b=cfg.ppo.mini_batch_size, P=cfg.sampling.max_prompt_tokens, N=cfg.sampling.max_new_tokens,
               s=BYTES[dtype_name], fb=file_bytes or 4, trainable=pb["lora_params"] + config.hidden_size + 1)
-    int8, on_cpu = cfg.base.int8, device == "cpu"
+    int8, on_cpu = cfg.base.quantized() == "int8", device == "cpu"
     # same dtype in file and run, on a CPU: the float tensors are views of the memory-mapped file
     aliased = on_cpu and z.fb == z.s
     runtime = RUNTIME_CPU_MB * MB if on_cpu else 0.0  # a constant, not the run's tensors
@@ -316,7 +320,7 @@ def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[floa
 
 def held_rows(rows, z: Sizes, pb, cfg, config, dtype_name, reward, aliased, runtime) -> None:
     """What the run holds from start to end: weights, adapters, optimizer state, the reward model."""
-    n_int8, int8 = pb["int8_params"], cfg.base.int8
+    n_int8, int8 = pb["int8_params"], cfg.base.quantized() == "int8"
     if int8:
         rows.add("held", "int8 weights (blocks' linear layers)", f"{n_int8 / 1e6:,.1f}M params x 1 B", pb["int8"])
         rows.add("held", "int8 row scales", f"{z.L} x (5C + F) x fp32", pb["scales"])
@@ -375,7 +379,7 @@ def update_rows(rows, z: Sizes, pb, cfg, config, model, device: str) -> None:
     rows.add("update", "logits at response positions", f"4 x [{b}, {N}, {V}] fp32", 4 * b * N * V * 4)
     rows.add("update", "gradients through one block", f"[{b}, {T}] x one block's activations",
              b * T * max(per_block))
-    if cfg.base.int8:
+    if cfg.base.quantized() == "int8":
         rows.add("update", "int8 backward: one dequantized weight", f"[{z.F}, {C}] x 8 B", 8 * pb["largest_int8"])
     temps = 2 if device == "cuda" else 1  # gradients, + AdamW's foreach temporaries on a GPU
     rows.add("update", "parameter gradients (+ AdamW temporaries)", f"{temps} x {z.trainable / 1e6:,.2f}M fp32",

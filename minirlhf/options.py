@@ -26,6 +26,7 @@ from .cli import UsageError, flag
 from .tracking import TRACKERS, missing_package
 
 KL_ESTIMATORS = ("kl", "abs", "mse", "full")
+QUANTIZATION_CHOICES = ("auto", "none", "int8", "nf4", "fp4")
 LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
 
@@ -36,6 +37,10 @@ class BaseConfig:
     the small movie-review GPT-NeoX shipped inside the package."""
     int8: bool = True
     """Hold the frozen base in int8 and run LLM.int8() (--no-int8 keeps it in floating point)."""
+    quantization: str = "auto"
+    """How the blocks' linear layers are held: int8 (LLM.int8()), nf4 or fp4 (4-bit blocks of 64 with double
+    quantization, QLoRA), none (floating point), or auto (int8, or none with --no-int8). --no-int8 with int8,
+    nf4 or fp4 is an error."""
     int8_threshold: float = 6.0
     """LLM.int8() outlier threshold, >= 0: activation columns with any |x| >= this run in floating point."""
     dtype: str = "auto"
@@ -46,6 +51,17 @@ class BaseConfig:
 
     def validate(self) -> None:
         _check(self.int8_threshold >= 0, "int8_threshold", self.int8_threshold, ">= 0")
+        _check(self.quantization in QUANTIZATION_CHOICES, "quantization", self.quantization,
+               "one of " + ", ".join(QUANTIZATION_CHOICES))
+        if not self.int8 and self.quantization not in ("auto", "none"):
+            raise UsageError(f"--no-int8 conflicts with --quantization {self.quantization} "
+                             "(--no-int8 means --quantization none)")
+
+    def quantized(self) -> str:
+        """What the blocks are held as: none, int8, nf4 or fp4 (auto resolved through --int8 / --no-int8)."""
+        if self.quantization == "auto":
+            return "int8" if self.int8 else "none"
+        return self.quantization
         _check(self.dtype in devices.DTYPES, "dtype", self.dtype, "one of " + ", ".join(devices.DTYPES))
         _check(self.model.strip() != "", "model", self.model, 'a Hub id, a folder or "default"')
 

@@ -12,18 +12,21 @@ floating point, as transformers' load_in_8bit does: they are small, and the head
 A quantized linear is a frozen nn.Module with `from_weight(weight fp32 [out, in], bias, ...)`, a constructor
 `(in_features, out_features, bias=..., dtype=...)` that builds it empty (the planner builds it on the meta
 device), `dequantize() -> fp32 [out, in]`, and a forward whose autograd returns the input's gradient only, so
-LoRA trains through it. Int8Linear (int8.py, LLM.int8()) is the one format so far; a 4-bit one would be a
-module beside int8.py and one more entry in QUANTIZED_LINEARS and in quantize_linear.
+LoRA trains through it, and `quant_args()` (the from_weight arguments of its format, for LoRA's merge). The
+formats: Int8Linear (int8.py, LLM.int8()) and NF4Linear (nf4.py, QLoRA's NF4 or FP4 with double quantization).
 """
 
 import torch
 from torch import nn
 
 from .int8 import Int8Linear
+from .nf4 import NF4Linear
 
 # The layers that get quantized: a linear layer inside a block.
 BLOCK_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-QUANTIZED_LINEARS = (Int8Linear,)
+QUANTIZED_LINEARS = (Int8Linear, NF4Linear)
+# What --quantization / load_model(quantization=...) take; "none" keeps the blocks in floating point.
+QUANTIZATIONS = ("none", "int8", "nf4", "fp4")
 
 
 def is_block_linear(module_name: str) -> bool:
@@ -42,19 +45,29 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent), leaf, new)
 
 
-def quantize_linear(tensors: dict[str, torch.Tensor], threshold: float, dtype: torch.dtype, device) -> nn.Module:
-    """A block linear's tensors as read from the checkpoint ({"weight": [out, in], "bias": [out]}) -> Int8Linear.
+def quantize_linear(tensors: dict[str, torch.Tensor], threshold: float, dtype: torch.dtype, device,
+                    quantization: str = "int8") -> nn.Module:
+    """A block linear's tensors as read from the checkpoint ({"weight": [out, in], "bias": [out]}) -> Int8Linear,
+    or NF4Linear (quantization "nf4" / "fp4": blocksize 64, double quantization, compute in the input's dtype).
     The weight is quantized from fp32 whatever the file holds; the bias keeps the model's float dtype."""
     weight = tensors["weight"].to(device=device, dtype=torch.float32)
     bias = tensors.get("bias")
     bias = None if bias is None else bias.to(device=device, dtype=dtype)
+    if quantization in ("nf4", "fp4"):
+        return NF4Linear.from_weight(weight, bias, quant_type=quantization)
+    if quantization != "int8":
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS[1:])}, got {quantization!r}")
     return Int8Linear.from_weight(weight, bias, threshold=threshold)
 
 
-def quantize_on_meta(model: nn.Module, dtype: torch.dtype) -> None:
-    """Swap every block linear of a model on the meta device for an empty Int8Linear of the same shape."""
+def quantize_on_meta(model: nn.Module, dtype: torch.dtype, quantization: str = "int8") -> None:
+    """Swap every block linear of a model on the meta device for an empty quantized linear of the same shape."""
     for name, module in list(model.named_modules()):
         if is_block_linear(name):
+            args = (module.in_features, module.out_features)
             with torch.device("meta"):
-                empty = Int8Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype)
+                if quantization in ("nf4", "fp4"):
+                    empty = NF4Linear(*args, bias=module.bias is not None, quant_type=quantization, dtype=dtype)
+                else:
+                    empty = Int8Linear(*args, bias=module.bias is not None, dtype=dtype)
             set_module(model, name, empty)

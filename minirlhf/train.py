@@ -167,7 +167,7 @@ def model_path(cfg: TrainConfig) -> str:
 def build_model(cfg: TrainConfig, device, dtype):
     """The policy: the frozen base (int8 blocks unless --no-int8) with LoRA adapters, the only trained part."""
     with about("--model"):
-        model = load_model(model_path(cfg), dtype=dtype, device=device, int8=cfg.base.int8,
+        model = load_model(model_path(cfg), dtype=dtype, device=device, quantization=cfg.base.quantized(),
                            threshold=cfg.base.int8_threshold)
     lo = cfg.lora
     with about("--lora-layers"):  # the other LoRA flags' domains are checked by validate()

@@ -51,6 +51,8 @@ BAD = {
     "lora_layers": [(["-1"], "--lora-layers must be >= 0"), (["99"], "--lora-layers:")],
     "int8": [(["--int8=yes"], "argument --int8/--no-int8: ignored explicit argument 'yes'")],
     "int8_threshold": [(["-1"], "--int8-threshold must be >= 0")],
+    "quantization": [(["int4"], "--quantization must be one of auto, none, int8, nf4, fp4, got 'int4'"),
+                     (["--no-int8", "--quantization", "nf4"], "--no-int8 conflicts with --quantization nf4")],
     "kl_estimator": [(["l2"], "--kl-estimator must be one of kl, abs, mse, full, got 'l2'")],
     "init_kl_coef": [(["-0.1"], "--init-kl-coef must be >= 0")],
     "adaptive_kl": [(["--adaptive-kl=no"], "argument --adaptive-kl/--no-adaptive-kl: ignored explicit argument")],
