@@ -56,14 +56,14 @@ class BaseConfig:
         if not self.int8 and self.quantization not in ("auto", "none"):
             raise UsageError(f"--no-int8 conflicts with --quantization {self.quantization} "
                              "(--no-int8 means --quantization none)")
+        _check(self.dtype in devices.DTYPES, "dtype", self.dtype, "one of " + ", ".join(devices.DTYPES))
+        _check(self.model.strip() != "", "model", self.model, 'a Hub id, a folder or "default"')
 
     def quantized(self) -> str:
         """What the blocks are held as: none, int8, nf4 or fp4 (auto resolved through --int8 / --no-int8)."""
         if self.quantization == "auto":
             return "int8" if self.int8 else "none"
         return self.quantization
-        _check(self.dtype in devices.DTYPES, "dtype", self.dtype, "one of " + ", ".join(devices.DTYPES))
-        _check(self.model.strip() != "", "model", self.model, 'a Hub id, a folder or "default"')
 
 
 @dataclass
@@ -206,7 +206,6 @@ class DataConfig:
     eval_size: int = 512
     """How many eval prompts to sample and score before and after training, >= 1 (the shipped default has 512:
     one sample each, so a share like rm_positive_frac is measured to about +-0.02)."""
-
     eval_every: int = 0
     """Also evaluate every N steps, >= 0, on the first --eval-every-size eval prompts with the same seed each time
     (points in metrics.jsonl as eval/..., and on reward.png); 0 = only before and after."""

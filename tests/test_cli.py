@@ -29,7 +29,8 @@ SMALL = dict(steps=2, batch_size=4, mini_batch_size=2, ppo_epochs=1, min_new_tok
 # flag -> out-of-domain values (each a list of argv words after the flag; [] means "the flag alone"), and a
 # piece of the one-line error. FILE is replaced by an existing regular file.
 BAD = {
-    "model": [(["/nonexistent/model"], "--model: /nonexistent/model: no such folder")],
+    "model": [(["/nonexistent/model"], "--model: /nonexistent/model: no such folder"),
+              ([" "], '--model must be a Hub id, a folder or "default", got \' \'')],
     "reward": [(["nosuchmodule:fn"], "--reward: reward function 'nosuchmodule:fn': cannot import module")],
     "prompts": [(["/nonexistent/p.txt"], "--prompts /nonexistent/p.txt: file not found")],
     "eval_prompts": [(["/nonexistent/e.txt"], "--eval-prompts /nonexistent/e.txt: file not found")],
