@@ -26,6 +26,7 @@ from .cli import UsageError, flag
 from .tracking import TRACKERS, missing_package
 
 KL_ESTIMATORS = ("kl", "abs", "mse", "full")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 QUANTIZATION_CHOICES = ("auto", "none", "int8", "nf4", "fp4")
 LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
@@ -155,11 +156,33 @@ class OptimizerConfig:
     """AdamW weight decay, >= 0 (0 makes it trl's Adam)."""
     max_grad_norm: float = 1.0
     """Clip the gradient norm of the trainable parameters to this, >= 0 (0 = no clipping)."""
+    adam_betas: str = "0.9,0.999"
+    """AdamW's beta1,beta2, each in [0, 1) (trlX's configs often use 0.9,0.95)."""
+    adam_eps: float = 1e-8
+    """AdamW's epsilon, > 0."""
+    lr_schedule: str = "constant"
+    """Learning rate per optimizer step: constant, linear (to --lr-min) or cosine (annealed to --lr-min, torch's
+    CosineAnnealingLR), over the run's --steps x --ppo-epochs x minibatches optimizer steps."""
+    lr_min: float = 0.0
+    """The learning rate the linear and cosine schedules end at, in [0, --lr]."""
 
     def validate(self) -> None:
         _check(self.lr > 0, "lr", self.lr, "> 0")
         for name in ("weight_decay", "max_grad_norm"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        _check(self.adam_eps > 0, "adam_eps", self.adam_eps, "> 0")
+        _check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", self.lr_schedule, "one of " + ", ".join(LR_SCHEDULES))
+        _check(0 <= self.lr_min <= self.lr, "lr_min", self.lr_min, "in [0, --lr]")
+        try:
+            betas = self.betas()
+        except ValueError:
+            betas = None
+        _check(betas is not None and all(0 <= b < 1 for b in betas), "adam_betas", self.adam_betas,
+               "two numbers in [0, 1), as beta1,beta2")
+
+    def betas(self) -> tuple[float, float]:
+        b1, b2 = (float(b) for b in self.adam_betas.split(","))  # ValueError unless exactly two numbers
+        return b1, b2
 
 
 @dataclass
@@ -272,7 +295,8 @@ SECTIONS = (
 )
 # Flags that may differ on --resume: they extend the run or change how it is computed, never its numbers
 # (chunked sampling and recomputed activations give the same values: tests/test_trainer.py and
-# tests/test_gradient_checkpointing.py). --steps may only grow.
+# tests/test_gradient_checkpointing.py). --steps may only grow, and not at all under a learning-rate schedule
+# (its length is the run's: TrainConfig.resume_may_differ).
 RESUME_MAY_DIFFER = ("steps", "save_every", "generation_batch_size", "gradient_checkpointing", "plan_memory",
                      "memory_gb", "log_with", "eval_every", "eval_every_size", "out", "resume")
 
@@ -316,6 +340,16 @@ class TrainConfig:
     def device(self):
         """(torch.device, float dtype) of the run: devices.py's policy; a plan may name a GPU this machine lacks."""
         return devices.pick(self.run.device, self.base.dtype, present=not self.run.plan_memory)
+
+    def optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run, as planned (trl's early stop may skip some): what a schedule spans."""
+        return self.run.steps * self.ppo.ppo_epochs * (self.ppo.batch_size // self.ppo.mini_batch_size)
+
+    def resume_may_differ(self) -> tuple[str, ...]:
+        """The flags a --resume may change: RESUME_MAY_DIFFER, less --steps when a schedule depends on it."""
+        if self.optim.lr_schedule == "constant":
+            return RESUME_MAY_DIFFER
+        return tuple(name for name in RESUME_MAY_DIFFER if name != "steps")
 
     def resolved(self) -> dict:
         """flags() with --device and --dtype as this machine resolves them ("auto" -> what it chose)."""

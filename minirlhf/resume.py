@@ -5,14 +5,16 @@
         value_head.safetensors
         state.safetensors         AdamW moments, RNG states (trainer generator, length sampler, torch CPU,
                                   and CUDA when the run is on a GPU): tensors, never pickle
-        trainer_state.json        step, KL controller, AdamW's scalars and param groups, and `config`: every
-                                  flag of the run, with --device and --dtype resolved ("auto" -> what it chose)
+        trainer_state.json        step, KL controller, AdamW's scalars and param groups, the learning-rate
+                                  schedule's state (--lr-schedule), and `config`: every flag of the run,
+                                  with --device and --dtype resolved ("auto" -> what it chose)
 
 A resumed run must give the numbers the run would have given had it never stopped. Two things make that true:
 every source of randomness is saved and restored, and the flags are the run's own. So `--resume` compares the
 command's resolved flags with the checkpoint's config and refuses with one line per flag that differs
 (`--lr 0.1 differs from the run's 0.0005`), except the few that cannot change the numbers
-(train.RESUME_MAY_DIFFER: --steps upward, --save-every, the memory knobs).
+(options.TrainConfig.resume_may_differ: --steps upward unless a schedule spans them, --save-every, the memory
+knobs).
 
 The folder is written through atomic_folder: a crash or Ctrl-C never leaves half a checkpoint.
 """
@@ -76,6 +78,8 @@ def save_checkpoint(folder: str, trainer, config: dict) -> None:
         save_file(tensors, os.path.join(tmp, TENSORS_FILE))
         state = {"step": trainer.step_count, "kl_ctl": trainer.kl_ctl.state_dict(), "optimizer": opt_meta,
                  "config": config}
+        if trainer.scheduler is not None:  # floats and ints only: JSON
+            state["lr_scheduler"] = trainer.scheduler.state_dict()
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
             json.dump(state, f, indent=2)
 
@@ -90,6 +94,8 @@ def load_checkpoint(folder: str, trainer) -> dict:
     trainer.optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer"]))
     restore_rng_states(trainer, tensors)
     trainer.kl_ctl.load_state_dict(state["kl_ctl"])
+    if trainer.scheduler is not None:
+        trainer.scheduler.load_state_dict(state["lr_scheduler"])
     trainer.step_count = state["step"]
     return state
 

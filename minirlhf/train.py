@@ -44,7 +44,7 @@ from .export import write_tokenizer
 from .lora import add_lora, parse_targets, save_adapter
 from .memory import format_plan, plan_for
 from .model_tree import format_tree
-from .options import RESUME_MAY_DIFFER, DataConfig, TrainConfig
+from .options import DataConfig, TrainConfig
 from .report import append_metrics, plot_curve, read_metrics, samples_markdown
 from .rewards import checked_reward_fn, load_reward_fn, reward_model_fn, vader_reward
 from .tokenizer import load_tokenizer
@@ -136,7 +136,7 @@ def run_folder(cfg: TrainConfig) -> tuple[str, str | None]:
     checkpoint = resume.latest_checkpoint(r.resume)
     if checkpoint is None:
         raise UsageError(f"--resume {r.resume}: no checkpoint in {os.path.join(r.resume, 'checkpoints')}")
-    resume.check_flags(resume.read_config(checkpoint), cfg.resolved(), RESUME_MAY_DIFFER, r.resume)
+    resume.check_flags(resume.read_config(checkpoint), cfg.resolved(), cfg.resume_may_differ(), r.resume)
     return r.resume, checkpoint
 
 
@@ -156,7 +156,7 @@ def build(cfg: TrainConfig, out: str, checkpoint: str | None) -> Job:
     judges = {"reward": reward_fn}
     if cfg.data.reward != "vader":  # an independent judge of what the policy wrote (the response alone),
         judges["vader"] = checked_reward_fn(vader_reward(include_prompt=False), "vader")  # against reward hacking
-    trainer = PPOTrainer(model, tokenizer, reward_fn, cfg.ppo, cfg.optim, cfg.sampling, cfg.run.seed, device)
+    trainer = PPOTrainer.for_config(model, tokenizer, reward_fn, cfg, device)
     return Job(out, checkpoint, prompts, eval_prompts, trainer, judges)
 
 

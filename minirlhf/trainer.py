@@ -123,13 +123,15 @@ class PPOTrainer:
     """
 
     def __init__(self, model, tokenizer, reward_fn, ppo: PPOConfig, optim: OptimizerConfig,
-                 sampling: SamplingConfig, seed: int = 0, device="cpu"):
+                 sampling: SamplingConfig, seed: int = 0, device="cpu", optimizer_steps: int = 0):
         self.model, self.tokenizer, self.reward_fn, self.device = model, tokenizer, reward_fn, device
         self.ppo, self.optim, self.sampling = ppo, optim, sampling
         self.value_head = ValueHead(model.config.hidden_size).to(device)
         params = [p for p in model.parameters() if p.requires_grad] + list(self.value_head.parameters())
         self.params = params
-        self.optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+        self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas(), eps=optim.adam_eps,
+                                           weight_decay=optim.weight_decay)
+        self.scheduler = lr_scheduler(self.optimizer, optim, optimizer_steps)  # None: a constant learning rate
         self.kl_ctl = (AdaptiveKLController(ppo.init_kl_coef, ppo.target_kl, ppo.horizon) if ppo.adaptive_kl
                        else FixedKLController(ppo.init_kl_coef))
         self.lengths = LengthSampler(sampling.min_new_tokens, sampling.max_new_tokens + 1, seed=seed)
@@ -139,7 +141,8 @@ class PPOTrainer:
     @classmethod
     def for_config(cls, model, tokenizer, reward_fn, cfg, device="cpu") -> "PPOTrainer":
         """The trainer for a whole options.TrainConfig: its ppo, optim and sampling sections and the run's seed."""
-        return cls(model, tokenizer, reward_fn, cfg.ppo, cfg.optim, cfg.sampling, cfg.run.seed, device)
+        return cls(model, tokenizer, reward_fn, cfg.ppo, cfg.optim, cfg.sampling, cfg.run.seed, device,
+                   cfg.optimizer_steps())
 
     # ---------------------------------------------------------------- the step
     def step(self, prompts: list[str]) -> tuple[dict, Rollout]:
@@ -296,12 +299,28 @@ class PPOTrainer:
             torch.nn.utils.clip_grad_norm_(self.params, self.optim.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()  # per optimizer step, as torch's schedulers expect
 
 
 def _cat_passes(passes: list[Pass], keep_logits: bool) -> Pass:
     cat = torch.cat
     return Pass(cat([p.logprobs for p in passes]), cat([p.values for p in passes]),
                 cat([p.logits for p in passes]) if keep_logits else None, cat([p.lse for p in passes]))
+
+
+def lr_scheduler(optimizer, optim: OptimizerConfig, optimizer_steps: int):
+    """torch's scheduler for --lr-schedule over the run's optimizer steps, or None for a constant rate.
+    linear: lr -> lr_min in a straight line (LinearLR); cosine: half a cosine from lr to lr_min (CosineAnnealingLR,
+    trlX's choice). After the last planned step (a run extended without a schedule) they stay at lr_min."""
+    if optim.lr_schedule == "constant":
+        return None
+    if optimizer_steps < 1:
+        raise ValueError(f"--lr-schedule {optim.lr_schedule} needs the run's number of optimizer steps")
+    if optim.lr_schedule == "linear":
+        return torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=optim.lr_min / optim.lr,
+                                                 total_iters=optimizer_steps)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=optimizer_steps, eta_min=optim.lr_min)
 
 
 def pad_columns(t: torch.Tensor, N: int, value) -> torch.Tensor:

@@ -9,6 +9,7 @@ two go through a real subprocess to show the command line itself prints no trace
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -44,6 +45,11 @@ BAD = {
            (["inf"], "--lr must be a finite number, got inf")],
     "weight_decay": [(["-0.1"], "--weight-decay must be >= 0")],
     "max_grad_norm": [(["-1"], "--max-grad-norm must be >= 0, got -1.0")],
+    "adam_betas": [(["0.9"], "--adam-betas must be two numbers in [0, 1), as beta1,beta2, got '0.9'"),
+                   (["0.9,1.0"], "--adam-betas must be two numbers in [0, 1)")],
+    "adam_eps": [(["0"], "--adam-eps must be > 0, got 0.0")],
+    "lr_schedule": [(["step"], "--lr-schedule must be one of constant, linear, cosine, got 'step'")],
+    "lr_min": [(["0.1"], "--lr-min must be in [0, --lr], got 0.1")],
     "lora_r": [(["0"], "--lora-r must be >= 1")],
     "lora_alpha": [(["0"], "--lora-alpha must be > 0")],
     "lora_dropout": [(["1.0"], "--lora-dropout must be in [0, 1), got 1.0"), (["-0.1"], "--lora-dropout must be in [0, 1)")],
@@ -314,3 +320,64 @@ def test_build_default_bad_flag_is_one_line_and_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--lm-steps", "many"])
     assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------- lr schedules
+
+def lr_by_hand(schedule: str, lr: float, lr_min: float, T: int, t: int) -> float:
+    """The learning rate after t of T optimizer steps: a straight line, or half a cosine, from lr to lr_min."""
+    if schedule == "linear":
+        return lr + (lr_min - lr) * min(t, T) / T
+    return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * t / T)) / 2
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_lr_schedule_steps_per_optimizer_step_and_resumes(tiny, tmp_path, schedule):
+    """SMALL: 2 steps x 1 epoch x 2 minibatches = 4 optimizer steps. The learning rate after each one equals the
+    formula, also for a trainer rebuilt from the checkpoint written half-way."""
+    import minirlhf
+    from minirlhf.lora import add_lora
+    from minirlhf.rewards import checked_reward_fn
+    from minirlhf.trainer import PPOTrainer
+
+    cfg = TrainConfig.from_flags(**{**SMALL, "lr": 1e-2, "lr_min": 1e-3, "lr_schedule": schedule})
+    T = cfg.optimizer_steps()
+    assert T == 4
+
+    def trainer():
+        model = add_lora(minirlhf.load_model(str(tiny / "model")), r=2, alpha=4, dropout=0.0)
+        reward = checked_reward_fn(lambda p, r: [0.0] * len(p), "zero")
+        return PPOTrainer.for_config(model, minirlhf.load_tokenizer(str(tiny / "model")), reward, cfg)
+
+    first = trainer()
+    seen = []
+    for _ in range(2):
+        first.optimizer_step()  # no gradients: the weights stay, the schedule moves
+        seen.append(first.optimizer.param_groups[0]["lr"])
+    resume.save_checkpoint(str(tmp_path / "ckpt"), first, {"model": "m"})
+    second = trainer()
+    resume.load_checkpoint(str(tmp_path / "ckpt"), second)
+    for _ in range(2):
+        second.optimizer_step()
+        seen.append(second.optimizer.param_groups[0]["lr"])
+    expected = [lr_by_hand(schedule, 1e-2, 1e-3, T, t) for t in range(1, T + 1)]
+    assert seen == pytest.approx(expected, rel=1e-9, abs=0)
+    assert seen[-1] == pytest.approx(1e-3, rel=1e-9)
+
+
+def test_a_scheduled_run_resumes_exactly_but_cannot_grow(tiny, tmp_path):
+    import shutil
+
+    kw = dict(lr_schedule="cosine", lr_min=1e-4)
+    small_run(tiny, tmp_path / "full", steps=3, **kw)
+    shutil.copytree(tmp_path / "full", tmp_path / "part", ignore=shutil.ignore_patterns("step-000003"))
+    run(TrainConfig.from_flags(model=str(tiny / "model"), prompts=str(tiny / "prompts.txt"),
+                               resume=str(tmp_path / "part"), **{**SMALL, "steps": 3, **kw}), progress=False)
+    a, b = metrics(tmp_path / "full"), metrics(tmp_path / "part")
+    assert [m["step"] for m in b] == [1, 2, 3]
+    for x, y in zip(a, b):
+        assert {k: v for k, v in x.items() if not k.startswith("time/")} == \
+               {k: v for k, v in y.items() if not k.startswith("time/")}
+    with pytest.raises(UsageError, match="--steps 5 differs from the run's 3"):
+        run(TrainConfig.from_flags(model=str(tiny / "model"), prompts=str(tiny / "prompts.txt"),
+                                   resume=str(tmp_path / "full"), **{**SMALL, "steps": 5, **kw}), progress=False)
