@@ -13,6 +13,7 @@ from .checkpoint import CheckpointError, load_config, load_model, save_model
 from .config import ConfigError, NeoXConfig
 from .generate import generate
 from .int8 import Int8Linear, memory_report
+from .nf4 import NF4Linear
 from .lora import (AdapterError, LoRALinear, add_lora, disable_adapters, load_adapter, lora_summary,
                    merge_and_unload, merge_lora, save_adapter, trainable_parameters, unmerge_lora)
 from .neox import CausalLM, KVCache, SequenceClassifier

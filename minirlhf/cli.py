@@ -11,6 +11,8 @@ import ast
 import contextlib
 import dataclasses
 import inspect
+import json
+import os
 import sys
 
 
@@ -62,6 +64,20 @@ def field_docs(cls) -> dict[str, str]:
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
             docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
+
+
+def read_json_object(path: str, error=ValueError) -> dict:
+    """A JSON file that holds one object (config.json and its kin), or `error` with one line naming the file."""
+    if not os.path.isfile(path):
+        raise error(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def fail(prog: str, message: str) -> int:

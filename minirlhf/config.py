@@ -19,8 +19,9 @@ the same model here.
 """
 
 import json
-import os
 from dataclasses import asdict, dataclass, fields
+
+from .cli import read_json_object
 
 
 class ConfigError(ValueError):
@@ -84,16 +85,7 @@ class NeoXConfig:
 
     @classmethod
     def from_json(cls, path: str) -> "NeoXConfig":
-        if not os.path.isfile(path):
-            raise ConfigError(f"{path}: file not found")
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-        return cls.from_dict(raw, source=path)
+        return cls.from_dict(read_json_object(path, ConfigError), source=path)
 
     def validate(self, source: str = "config") -> None:
         ints = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",

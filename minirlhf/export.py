@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 
 from .atomic import WriteError, atomic_file, atomic_folder, write_text
 from .checkpoint import CheckpointError, load_model, resolve, save_model, weight_files
-from .cli import Parser, fail
+from .cli import Parser, fail, read_json_object
 from .embedded import default_path
 from .lora import AdapterError, load_adapter, merge_and_unload
 
@@ -58,12 +58,8 @@ def read_run(run: str) -> dict:
         raise ExportError(f"{run}: no such run folder")
     if not os.path.isfile(config_path):
         raise ExportError(f"{run}: not a run folder (no config.json; train.py writes one in each run folder)")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{config_path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model"), str):
+    config = read_json_object(config_path, ExportError)
+    if not isinstance(config.get("model"), str):
         raise ExportError(f"{config_path}: not a run's config (no \"model\" field)")
     if not os.path.isfile(os.path.join(run, "adapter", "adapter_config.json")):
         raise ExportError(f"{run}: no adapter/ (the run has not finished; its checkpoints are in checkpoints/)")
