@@ -42,7 +42,9 @@ HF_NAMES = {"embed_out.weight": ("embed_out.weight", "lm_head.weight")}
 # RoPE frequencies. Skipped on load.
 LEGACY = ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")
 # Files worth fetching from the Hub: never the pickles, never the other frameworks' weights.
-HUB_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+# A tokenizer's files in a model folder (tokenizer.py reads tokenizer.json and tokenizer_config.json).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+HUB_FILES = ["config.json", *TOKENIZER_FILES,
              "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
 ARCHITECTURES = {"GPTNeoXForCausalLM": CausalLM, "GPTNeoXForSequenceClassification": SequenceClassifier}
 
@@ -237,7 +239,7 @@ def save_model(model: nn.Module, folder: str, tokenizer_folder: str | None = Non
                   metadata={"format": "pt"})
         os.chmod(os.path.join(tmp, "model.safetensors"), 0o644)  # safetensors writes it owner-only
         if tokenizer_folder is not None:
-            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            for name in TOKENIZER_FILES:
                 src = os.path.join(tokenizer_folder, name)
                 if os.path.isfile(src):
                     shutil.copyfile(src, os.path.join(tmp, name))

@@ -34,15 +34,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .atomic import WriteError, atomic_file, atomic_folder, write_text
-from .checkpoint import CheckpointError, load_model, resolve, save_model, weight_files
+from .checkpoint import TOKENIZER_FILES, CheckpointError, load_model, resolve, save_model, weight_files
 from .cli import Parser, fail, read_json_object
 from .embedded import default_path
 from .lora import AdapterError, load_adapter, merge_and_unload
+from .resume import VALUE_HEAD_FILE
 
 PROG = "python -m minirlhf.export"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-VALUE_HEAD_FILE = "value_head.safetensors"
 # safetensors' dtype names -> torch
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 

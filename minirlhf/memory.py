@@ -79,7 +79,6 @@ from dataclasses import dataclass
 
 import torch
 
-from . import devices
 from .checkpoint import resolve
 from .cli import UsageError
 from .config import ConfigError, NeoXConfig
@@ -221,9 +220,9 @@ def saved_per_token(config: NeoXConfig, adapted: set, grad_in: bool, s: int, r: 
 # ------------------------------------------------------------------------------------------------
 
 def target(cfg) -> tuple[str, str]:
-    """(device type, float dtype name) the run would use: devices.py's policy, which also train.py follows, except
-    that `--device cuda` may be planned on a machine without CUDA (that is the point)."""
-    device, dtype = devices.pick(cfg.run.device, cfg.base.dtype, present=False)
+    """(device type, float dtype name) the run would use: the run's own policy (TrainConfig.device), except that
+    `--device cuda` may be planned on a machine without CUDA (that is the point)."""
+    device, dtype = cfg.device(present=False)
     return device.type, str(dtype).removeprefix("torch.")
 
 

@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 
 from . import devices, distributed as dist
 from .cli import UsageError, flag
+from .quantize import QUANTIZATIONS
 from .tracking import TRACKERS, missing_package
 
 KL_ESTIMATORS = ("kl", "abs", "mse", "full")
 LR_SCHEDULES = ("constant", "linear", "cosine")
-QUANTIZATION_CHOICES = ("auto", "none", "int8", "nf4", "fp4")
+QUANTIZATION_CHOICES = ("auto", *QUANTIZATIONS)  # auto: int8, or none with --no-int8
 LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
 
@@ -57,7 +58,6 @@ class BaseConfig:
         if not self.int8 and self.quantization not in ("auto", "none"):
             raise UsageError(f"--no-int8 conflicts with --quantization {self.quantization} "
                              "(--no-int8 means --quantization none)")
-        _check(self.dtype in devices.DTYPES, "dtype", self.dtype, "one of " + ", ".join(devices.DTYPES))
         _check(self.model.strip() != "", "model", self.model, 'a Hub id, a folder or "default"')
 
     def quantized(self) -> str:
@@ -337,9 +337,12 @@ class TrainConfig:
             getattr(self, attr).validate()
         self.device()  # the device exists here (unless planning for another machine), and the dtype suits it
 
-    def device(self):
-        """(torch.device, float dtype) of the run: devices.py's policy; a plan may name a GPU this machine lacks."""
-        return devices.pick(self.run.device, self.base.dtype, present=not self.run.plan_memory)
+    def device(self, present: bool | None = None):
+        """(torch.device, float dtype) of the run: devices.py's policy, which also checks --dtype. The device must
+        exist here (present), except for a memory plan, which may name a GPU this machine lacks."""
+        if present is None:
+            present = not self.run.plan_memory
+        return devices.pick(self.run.device, self.base.dtype, present=present)
 
     def optimizer_steps(self) -> int:
         """Optimizer steps of the whole run, as planned (trl's early stop may skip some): what a schedule spans."""

@@ -30,7 +30,7 @@ QUANTIZATIONS = ("none", "int8", "nf4", "fp4")
 
 
 def is_block_linear(module_name: str) -> bool:
-    """Whether load_model(int8=True) quantizes this module: a linear layer inside a block."""
+    """Whether load_model quantizes this module (int8, nf4 or fp4): a linear layer inside a block."""
     return module_name.startswith("gpt_neox.layers.") and module_name.endswith(BLOCK_LINEARS)
 
 

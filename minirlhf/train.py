@@ -272,7 +272,7 @@ def write_artifacts(cfg: TrainConfig, job: Job, before: dict, after: dict, secon
     }
     save_adapter(job.trainer.model, os.path.join(job.out, "adapter"), base_model_name_or_path=cfg.base.model)
     write_tokenizer(job.trainer.tokenizer, resolve(model_path(cfg)), job.out)  # python -m minirlhf.export reads it next to adapter/
-    resume.save_value_head(job.trainer.value_head, os.path.join(job.out, "value_head.safetensors"))
+    resume.save_value_head(job.trainer.value_head, os.path.join(job.out, resume.VALUE_HEAD_FILE))
     plot_curve(metrics, os.path.join(job.out, "reward.png"), summary["kl_target"])
     samples = samples_markdown(before, after, list(job.judges))
     write_text(os.path.join(job.out, "samples.md"), samples)
