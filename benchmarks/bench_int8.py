@@ -27,6 +27,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from minirlhf import cpu
+from minirlhf.int8 import Int8Linear, backward_path
 from minirlhf.kernels import reference
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -103,6 +105,8 @@ def cpu_default_shapes(quick):
         return [main, (1, 1024, 4096)]
     return [
         main,
+        (96, 512, 1536),  # Pythia-70m qkv at one PPO minibatch (4 rows x 24 tokens): bench_ppo's layer
+        (96, 2048, 512),  # Pythia-70m 4h_to_h
         (256, 1024, 3072),  # 410m qkv
         (256, 4096, 1024),  # 410m 4h_to_h
         (256, 2048, 8192),  # 1.4b h_to_4h
@@ -117,20 +121,23 @@ def bench_cpu(shapes, n_outliers, quick, bnb):
         gemm = "torch._int_mm (oneDNN int8)"
     else:
         gemm = "fp32 GEMM on int8 codes (no AVX512-VNNI/AMX)"
-    print(f"## CPU: {torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"our int8 GEMM = {gemm}, {n_outliers} planted outlier columns\n")
-    print("| M x K -> N | fp32 F.linear ms | bf16 F.linear ms | ours int8 ms | bnb int8 ms "
-          "| ours speedup vs fp32 | ours speedup vs bnb |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"## CPU: {cpu.describe()}\n\n{torch.get_num_threads()} threads, capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, our int8 GEMM = {gemm}, {n_outliers} planted outlier columns\n")
+    print("### Forward\n")
+    print("| M x K -> N | fp32 F.linear ms | bf16 F.linear ms | raw torch._int_mm ms | ours int8 ms | bnb int8 ms "
+          "| ours / raw _int_mm | ours speedup vs bf16 | ours speedup vs bnb |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     repeats = 5 if quick else 10
-    layers = {}
+    layers, backward_rows = {}, []
     for M, K, N in shapes:
         w, b = torch.randn(N, K) * 0.02, torch.randn(N) * 0.02
         x = activations(M, K, n_outliers, torch.float32, "cpu")
         w_int8, w_scale = reference.quantize_weight(w)
         wb, xb = w.bfloat16(), x.bfloat16()
+        x_int8 = reference.quantize_rows(x, 6.0)[0]
         t_fp32 = median_ms(lambda: F.linear(x, w, b), repeats=repeats)
         t_bf16 = median_ms(lambda: F.linear(xb, wb, b.bfloat16()), repeats=repeats)
+        t_raw = median_ms(lambda: torch._int_mm(x_int8, w_int8.t()), repeats=repeats) if M > 16 else None
         t_ours = median_ms(lambda: reference.int8_linear(x, w_int8, w_scale, b, 6.0), repeats=repeats)
         t_bnb = None
         if bnb is not None:
@@ -140,9 +147,38 @@ def bench_cpu(shapes, n_outliers, quick, bnb):
             with torch.no_grad():
                 t_bnb = median_ms(lambda: layer(x), warmup=1, repeats=repeats)
         vs_bnb = None if t_bnb is None else t_bnb / t_ours
-        print(f"| {M} x {K} -> {N} | {t_fp32:.2f} | {t_bf16:.2f} | {t_ours:.2f} | {fmt(t_bnb)} | "
-              f"{t_fp32 / t_ours:.2f}x | {fmt(vs_bnb)}{'x' if vs_bnb else ''} |")
+        vs_raw = None if t_raw is None else t_ours / t_raw
+        print(f"| {M} x {K} -> {N} | {t_fp32:.2f} | {t_bf16:.2f} | {fmt(t_raw)} | {t_ours:.2f} | {fmt(t_bnb)} | "
+              f"{fmt(vs_raw)}{'x' if vs_raw else ''} | {t_bf16 / t_ours:.2f}x | {fmt(vs_bnb)}{'x' if vs_bnb else ''} |")
+        if M > 1:
+            backward_rows.append(forward_backward_row(M, K, N, w, b, x, repeats))
     print()
+    print("### Forward + input-gradient backward (the frozen base under LoRA: no weight gradient)\n")
+    print("| M x K -> N | fp32 F.linear ms | bf16 F.linear ms | ours int8, fp32 x ms | ours int8, bf16 x ms "
+          "| ours fp32 x backward | ours bf16 x vs bf16 F.linear |")
+    print("|---|---:|---:|---:|---:|---|---:|")
+    for row in backward_rows:
+        print(row)
+    print()
+
+
+def forward_backward_row(M, K, N, w, b, x, repeats):
+    """One table row: forward + dL/dx for float F.linear and for Int8Linear, fp32 and bf16 activations."""
+    layer = Int8Linear.from_weight(w, b)
+    g = torch.randn(M, N)
+
+    def fwd_bwd(fn, x0, g0):
+        x1 = x0.detach().requires_grad_()
+        fn(x1).backward(g0)
+
+    wb, bb = w.bfloat16(), b.bfloat16()
+    t_fp32 = median_ms(lambda: fwd_bwd(lambda v: F.linear(v, w, b), x, g), repeats=repeats)
+    t_bf16 = median_ms(lambda: fwd_bwd(lambda v: F.linear(v, wb, bb), x.bfloat16(), g.bfloat16()), repeats=repeats)
+    t_ours = median_ms(lambda: fwd_bwd(layer, x, g), repeats=repeats)
+    layer_bf16 = Int8Linear.from_weight(w, b).to(torch.bfloat16)
+    t_ours_bf16 = median_ms(lambda: fwd_bwd(layer_bf16, x.bfloat16(), g.bfloat16()), repeats=repeats)
+    return (f"| {M} x {K} -> {N} | {t_fp32:.2f} | {t_bf16:.2f} | {t_ours:.2f} | {t_ours_bf16:.2f} "
+            f"| {backward_path(g)} | {t_bf16 / t_ours_bf16:.2f}x |")
 
 
 def bench_cpu_breakdown(M, K, N, n_outliers):

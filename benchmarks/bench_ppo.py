@@ -1,9 +1,9 @@
 """One full PPO step, ours vs trl 0.11.4 + peft, side by side on CPU: seconds per step and peak memory.
 
-    python benchmarks/bench_ppo.py                        # all four rows, 1 warmup + 5 timed steps each
-    python benchmarks/bench_ppo.py --steps 3 --only ours  # just our two rows
+    python benchmarks/bench_ppo.py                        # all seven rows, 1 warmup + 5 timed steps each
+    python benchmarks/bench_ppo.py --steps 3 --rows trl-bf16,ours-default
     python benchmarks/bench_ppo.py --threads 2 --out results.md
-    python benchmarks/bench_ppo.py --only ours --bases int8 --profile   # + torch.profiler of one of our steps
+    python benchmarks/bench_ppo.py --rows ours-default --profile   # + torch.profiler of one of our steps
 
 The setting (equal on both sides)
 ---------------------------------
@@ -20,8 +20,16 @@ The setting (equal on both sides)
 * Responses: exactly 16 tokens, pure sampling (top_k 0, top_p 1, temperature 1; eos forbidden before
   16 tokens). trl generates all 16 rows in one batched `generate` call (its fastest path).
 * Reward: a fixed random score per row and step, computed up front, so neither side pays for a reward model.
-* Base: fp32, and int8 (ours: Int8Linear, LLM.int8(); trl: transformers' BitsAndBytesConfig(load_in_8bit=True),
-  bitsandbytes' Linear8bitLt).
+* Rows (ROWS below): trl in each of its configurations, so the fastest one is the reference —
+    trl-fp32   the model in fp32
+    trl-bf16   from_pretrained(torch_dtype=torch.bfloat16): every weight and activation in bf16
+    trl-int8   BitsAndBytesConfig(load_in_8bit=True): bitsandbytes' Linear8bitLt blocks, fp32 elsewhere
+  and ours, each a pair of train.py flags:
+    ours-fp32        --quantization none --dtype float32
+    ours-bf16        --quantization none --dtype bfloat16
+    ours-int8-fp32   --quantization int8 --dtype float32   (LLM.int8() blocks, fp32 float parts)
+    ours-int8-bf16   --quantization int8 --dtype bfloat16
+    ours-default     no flags: what `python train.py` resolves on this machine (printed in the table)
 
 Every row runs in its own subprocess (imports and allocations never mix): the time of each step is the wall
 clock around the whole step (trl: `generate` + `step`; ours: `PPOTrainer.step`), reported as the median over
@@ -63,6 +71,19 @@ MODEL = dict(vocab_size=50304, hidden_size=512, num_hidden_layers=6, num_attenti
 EOS, PAD = "<|endoftext|>", "<|padding|>"
 SEED = 0
 
+# Each row: trl's from_pretrained options, or our TrainConfig flags (train.py's, as fields). The order is the
+# order they run in: the rows that are compared sit next to each other in time (the machine's load drifts).
+ROWS = {
+    "trl-fp32": {},
+    "trl-bf16": {"torch_dtype": "bfloat16"},
+    "ours-default": {},
+    "ours-int8-bf16": {"quantization": "int8", "dtype": "bfloat16"},
+    "ours-bf16": {"quantization": "none", "dtype": "bfloat16"},
+    "ours-int8-fp32": {"quantization": "int8", "dtype": "float32"},
+    "ours-fp32": {"quantization": "none", "dtype": "float32"},
+    "trl-int8": {"load_in_8bit": True},
+}
+
 
 # ------------------------------------------------------------------------------------------------
 # Small helpers (stdlib only: the parent uses them too)
@@ -94,8 +115,10 @@ def cpu_description() -> str:
                     flags = line.split(":", 1)[1]
     except OSError:
         pass
-    int8 = [name for name in ("avx512_vnni", "avx_vnni", "amx_int8") if f" {name}" in f" {flags} "]
-    return f"{model}, {os.cpu_count()} cores, int8 dot-product instructions: {', '.join(int8) or 'none (no VNNI/AMX)'}"
+    have = lambda names: [name for name in names if f" {name} " in f" {flags.strip()} "]  # noqa: E731
+    int8, bf16 = have(("avx512_vnni", "avx_vnni", "amx_int8")), have(("avx512_bf16", "amx_bf16"))
+    return (f"{model}, {os.cpu_count()} cores; int8 instructions: {', '.join(int8) or 'none (no VNNI/AMX)'}; "
+            f"bf16 instructions: {', '.join(bf16) or 'none (no AVX512-BF16/AMX)'}")
 
 
 def median(xs):
@@ -196,13 +219,15 @@ def child_ours(args) -> dict:
     with open(os.path.join(args.folder, "bench_inputs.json")) as f:
         inputs = json.load(f)
     torch.manual_seed(SEED)
-    model = minirlhf.load_model(args.folder, int8=args.base == "int8")
-    add_lora(model, r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, target_modules=("query_key_value",))
-    tok = minirlhf.load_tokenizer(args.folder)
     cfg = TrainConfig.from_flags(batch_size=BATCH, mini_batch_size=MINI_BATCH, ppo_epochs=PPO_EPOCHS, lr=LR,
                       min_new_tokens=RESPONSE_TOKENS, max_new_tokens=RESPONSE_TOKENS, init_kl_coef=INIT_KL,
                       adaptive_kl=True, target_kl=TARGET_KL, horizon=HORIZON, top_k=0, top_p=1.0,
-                      temperature=1.0, max_grad_norm=0.0, early_stop_kl=0.0, seed=SEED)
+                      temperature=1.0, max_grad_norm=0.0, early_stop_kl=0.0, seed=SEED, **ROWS[args.row])
+    device, dtype = cfg.device()  # "auto" resolved exactly as train.py resolves it
+    model = minirlhf.load_model(args.folder, dtype=dtype, device=device, quantization=cfg.base.quantized())
+    add_lora(model, r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, target_modules=("query_key_value",))
+    tok = minirlhf.load_tokenizer(args.folder)
+    resolved = f"--quantization {cfg.base.quantized()} --dtype {str(dtype).removeprefix('torch.')}"
     current = {"step": 0}
 
     def reward(prompts, responses):  # constant time: the precomputed scores of this step
@@ -246,7 +271,7 @@ def child_ours(args) -> dict:
                       "scoring": score_time[0], "update": stats["time/ppo/optimize_step"],
                       "other": total - stats["time/ppo/rollout"] - stats["time/ppo/optimize_step"],
                       "kl": stats["objective/kl"]})
-        print(f"  [ours {args.base}] step {i}{' (warmup)' if i < args.warmup else ''}: {total:.2f} s", file=sys.stderr,
+        print(f"  [{args.row}] step {i}{' (warmup)' if i < args.warmup else ''}: {total:.2f} s", file=sys.stderr,
               flush=True)
 
     peak_rss, ru_peak = proc_status_mb("VmHWM"), maxrss_mb()  # before profiling: its records would count
@@ -260,7 +285,7 @@ def child_ours(args) -> dict:
         profile = f"phases inside the profiled step (s, profiler overhead included): {labels}\n" + profile
     return {"steps": steps[args.warmup:], "warmup_steps": steps[:args.warmup], "rss_imports_mb": rss_imports,
             "rss_loaded_mb": rss_loaded, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "profile": profile, "peak_rss_mb": peak_rss, "ru_maxrss_mb": ru_peak}
+            "profile": profile, "peak_rss_mb": peak_rss, "ru_maxrss_mb": ru_peak, "resolved": resolved}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -296,13 +321,15 @@ def child_trl(args) -> dict:
     lora = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=["query_key_value"],
                       bias="none", task_type="CAUSAL_LM")
     kwargs = {}
-    if args.base == "int8":
+    if ROWS[args.row].get("load_in_8bit"):
         import bitsandbytes
 
         versions["bitsandbytes"] = bitsandbytes.__version__
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if ROWS[args.row].get("torch_dtype"):
+        kwargs["torch_dtype"] = getattr(torch, ROWS[args.row]["torch_dtype"])
     model = AutoModelForCausalLMWithValueHead.from_pretrained(args.folder, peft_config=lora, **kwargs)
-    if args.base == "int8":
+    if ROWS[args.row].get("load_in_8bit"):
         n8 = sum(p.numel() for p in model.parameters() if p.dtype == torch.int8)
         assert n8 > 0, "bitsandbytes did not quantize anything"
     config = PPOConfig(batch_size=BATCH, mini_batch_size=MINI_BATCH, ppo_epochs=PPO_EPOCHS, learning_rate=LR,
@@ -328,11 +355,11 @@ def child_trl(args) -> dict:
                       "update": stats["time/ppo/optimize_step"],
                       "other": total - (t1 - t0) - stats["time/ppo/forward_pass"] - stats["time/ppo/optimize_step"],
                       "kl": float(stats["objective/kl"])})
-        print(f"  [trl {args.base}] step {i}{' (warmup)' if i < args.warmup else ''}: {total:.2f} s", file=sys.stderr,
+        print(f"  [{args.row}] step {i}{' (warmup)' if i < args.warmup else ''}: {total:.2f} s", file=sys.stderr,
               flush=True)
     return {"steps": steps[args.warmup:], "warmup_steps": steps[:args.warmup], "rss_imports_mb": rss_imports,
             "rss_loaded_mb": rss_loaded, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "versions": versions}
+            "versions": versions, "resolved": ", ".join(f"{k}={v}" for k, v in ROWS[args.row].items()) or "fp32"}
 
 
 def child_main(args) -> None:
@@ -350,13 +377,13 @@ def child_main(args) -> None:
 # Parent: run the children, print the table
 # ------------------------------------------------------------------------------------------------
 
-def run_child(kind: str, base: str | None, folder: str, args) -> dict:
+def run_child(kind: str, row: str | None, folder: str, args) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result_path = f.name
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--folder", folder, "--result", result_path,
            "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    if base:
-        cmd += ["--base", base]
+    if row:
+        cmd += ["--row", row]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.profile and kind == "ours":
@@ -384,7 +411,9 @@ def fmt(x, digits=2):
 
 
 def table(rows, args, machine: str, versions: dict) -> str:
-    ref = next((r for r in rows if r["impl"].startswith("trl") and r["base"] == "fp32" and "steps" in r), None)
+    timed = [r for r in rows if "steps" in r]
+    trl_rows = [r for r in timed if r["row"].startswith("trl")]
+    ref = min(trl_rows, key=lambda r: median([s["total"] for s in r["steps"]]), default=None)  # trl's fastest
     ref_s = median([s["total"] for s in ref["steps"]]) if ref else None
     lines = [f"### PPO step on CPU: minirlhf vs trl {versions.get('trl', '?')} + peft {versions.get('peft', '?')}",
              "",
@@ -394,18 +423,18 @@ def table(rows, args, machine: str, versions: dict) -> str:
              f"{BATCH}, mini-batch {MINI_BATCH}, {PPO_EPOCHS} PPO epochs, {QUERY_TOKENS}-token queries, exactly "
              f"{RESPONSE_TOKENS}-token responses; median of {args.steps} steps after {args.warmup} warmup.",
              "",
-             "| implementation | base | s/step (median) | min-max | generation | scoring | update | peak RSS MB "
-             "| RSS after imports MB | speedup vs trl fp32 |",
+             "| row | settings | s/step (median) | min-max | generation | scoring | update | peak RSS MB "
+             f"| RSS after imports MB | speedup vs {ref['row'] if ref else 'trl'} (trl's fastest) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['impl']} | {r['base']} | failed: {r['error'][:120]} | | | | | | | |")
+            lines.append(f"| {r['row']} | | failed: {r['error'][:120]} | | | | | | | |")
             continue
         totals = [s["total"] for s in r["steps"]]
         med = median(totals)
         phase = {k: median([s[k] for s in r["steps"]]) for k in ("generation", "scoring", "update")}
         speedup = f"{ref_s / med:.2f}x" if ref_s else "-"
-        lines.append(f"| {r['impl']} | {r['base']} | {fmt(med)} | {fmt(min(totals))}-{fmt(max(totals))} "
+        lines.append(f"| {r['row']} | {r['resolved']} | {fmt(med)} | {fmt(min(totals))}-{fmt(max(totals))} "
                      f"| {fmt(phase['generation'])} | {fmt(phase['scoring'])} | {fmt(phase['update'])} "
                      f"| {r['peak_rss_mb']:.0f} | {r['rss_imports_mb']:.0f} | {speedup} |")
     lines += ["",
@@ -421,8 +450,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=5, help="timed PPO steps per row (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed PPO steps first")
-    p.add_argument("--only", choices=["ours", "trl"], help="run only one implementation")
-    p.add_argument("--bases", default="fp32,int8", help="comma-separated bases to run: fp32, int8")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows to run, of: {', '.join(ROWS)}")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in each child (default: torch's)")
     p.add_argument("--out", help="also write the markdown table to this file")
     p.add_argument("--profile", action="store_true", help="torch.profiler of one extra step of ours; print top ops")
@@ -430,15 +458,15 @@ def main():
     p.add_argument("--child", choices=["build", "ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
-    p.add_argument("--base", choices=["fp32", "int8"], help=argparse.SUPPRESS)
+    p.add_argument("--row", choices=list(ROWS), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child_main(args)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
-    bases = [b.strip() for b in args.bases.split(",") if b.strip()]
-    if not bases or any(b not in ("fp32", "int8") for b in bases):
-        p.error(f"--bases: expected a comma-separated subset of fp32,int8, got {args.bases!r}")
+    plan = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if not plan or any(r not in ROWS for r in plan):
+        p.error(f"--rows: expected a comma-separated subset of {','.join(ROWS)}, got {args.rows!r}")
 
     machine = cpu_description()
     print(f"machine: {machine}", flush=True)
@@ -450,25 +478,21 @@ def main():
         print(f"built the model ({built['params'] / 1e6:.1f}M parameters) and tokenizer in "
               f"{time.perf_counter() - t:.0f} s", flush=True)
 
-        # trl fp32 first (the reference row), ours right after it (the machine's load drifts: rows close in
-        # time compare best), trl int8 last (bitsandbytes' CPU int8 can be very slow without VNNI)
-        order = [("trl", "fp32"), ("ours", "int8"), ("ours", "fp32"), ("trl", "int8")]
-        plan = [(impl, b) for impl, b in order if args.only in (None, impl) and b in bases]
         rows, versions = [], {}
-        for impl, base in plan:
-            print(f"running {impl} {base} ...", flush=True)
-            r = run_child(impl, base, folder, args)
-            r.update(impl="minirlhf" if impl == "ours" else "trl 0.11.4 + peft", base=base)
+        for row in plan:
+            print(f"running {row} ...", flush=True)
+            r = run_child(row.split("-")[0], row, folder, args)
+            r.update(row=row)
             rows.append(r)
             if "error" in r:
-                print(f"  {impl} {base} failed: {r['error']}", flush=True)
+                print(f"  {row} failed: {r['error']}", flush=True)
                 continue
             versions.update(r.get("versions", {}), torch=r["torch"], threads=r["threads"])
-            print(f"  done in {r['wall_s']:.0f} s; median {median([s['total'] for s in r['steps']]):.2f} s/step, "
-                  f"peak RSS {r['peak_rss_mb']:.0f} MB (ru_maxrss {r['ru_maxrss_mb']:.0f} MB)", flush=True)
+            print(f"  done in {r['wall_s']:.0f} s ({r['resolved']}); median "
+                  f"{median([s['total'] for s in r['steps']]):.2f} s/step, peak RSS {r['peak_rss_mb']:.0f} MB "
+                  f"(ru_maxrss {r['ru_maxrss_mb']:.0f} MB)", flush=True)
             if r.get("profile"):
-                print(f"\ntorch.profiler, one step of ours ({base}), top ops by self CPU time:\n{r['profile']}\n",
-                      flush=True)
+                print(f"\ntorch.profiler, one step of {row}, top ops by self CPU time:\n{r['profile']}\n", flush=True)
 
     text = table(rows, args, machine, versions)
     print("\n" + text)

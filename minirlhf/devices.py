@@ -2,8 +2,9 @@
 
     --device auto      cuda when a GPU is visible, else cpu
     --device cpu | cuda | cuda:N
-    --dtype auto       bfloat16 on a GPU (tensor cores, half the memory of fp32, fp32's exponent range),
-                       float32 on a CPU
+    --dtype auto       bfloat16 where the device multiplies bf16 fast: a GPU (tensor cores), or a CPU with
+                       AVX512-BF16 or AMX (cpu.py); float32 on other CPUs, where bf16 runs slower than fp32.
+                       bf16 has fp32's exponent range and half its memory, with ~3 significant digits.
     --dtype float16    refused on a CPU: fp16 matrix products there run ~500x slower than fp32
 
 The float dtype is for the parts that are not quantized (embeddings, norms, the LM head, activations);
@@ -12,6 +13,7 @@ LoRA weights, the value head, optimizer state, log-probs and losses stay fp32 wh
 
 import torch
 
+from . import cpu
 from .cli import UsageError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -45,7 +47,7 @@ def float_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     if name == "auto":
-        name = "bfloat16" if device.type == "cuda" else "float32"
+        name = "bfloat16" if device.type == "cuda" or cpu.FAST_BF16 else "float32"
     if device.type == "cpu" and name == "float16":
         raise UsageError("--dtype float16 on CPU: fp16 matmuls are ~500x slower than fp32 there; "
                          "use float32 or bfloat16")

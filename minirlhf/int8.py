@@ -7,8 +7,10 @@ The module holds
 and computes y = LLM.int8()(x, W) + b (see minirlhf/kernels/reference.py for the math).
 
 It is frozen: this is the base model under LoRA. Gradients flow to the *input* only,
-dL/dx = dL/dy @ W_dequantized [out, in], so adapters in earlier layers keep training; weight and
-bias never get a gradient.
+dL/dx = dL/dy @ W [out, in], so adapters in earlier layers keep training; weight and bias never get a
+gradient. That product never makes an fp32 copy of W where the device can avoid it (input_grad): in a
+bf16 run it is a bf16 GEMM on the codes; with fp32 gradients on a device with int8 units it is one
+more int8 GEMM (SwitchBack).
 
 Behaviour worth knowing
   * Same int8 path in train() and eval(). (bitsandbytes on CPU silently switches to
@@ -57,13 +59,42 @@ class Int8LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         weight, weight_scale = ctx.saved_tensors
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            # fp32 on CPU (fp16 matmuls there are ~500x slower), the gradient's own dtype on a GPU
-            dtype = torch.float32 if grad_out.device.type == "cpu" else grad_out.dtype
-            w = reference.dequantize_weight(weight, weight_scale).to(dtype)  # [out, in]
-            grad_x = (grad_out.to(dtype) @ w).to(grad_out.dtype)  # [..., out] @ [out, in] -> [..., in]
+        grad_x = input_grad(grad_out, weight, weight_scale) if ctx.needs_input_grad[0] else None
         return grad_x, None, None, None, None
+
+
+def backward_path(grad_out: torch.Tensor) -> str:
+    """How input_grad multiplies, by the gradient's dtype and what its device multiplies fast:
+    "half"        a bf16/fp16 gradient: W8 cast to that dtype (its codes are exact there), scales folded into
+                  the gradient; a half-precision GEMM (2 bytes per weight, transient)
+    "switchback"  an fp32 gradient where int8 is native (CUDA; CPUs with VNNI/AMX): one more LLM.int8()
+                  product, no copy of W at all
+    "fp32"        an fp32 gradient elsewhere (a CPU without VNNI): W dequantized to fp32 (4 bytes per weight)"""
+    if grad_out.dtype in (torch.bfloat16, torch.float16):
+        return "half"
+    return "switchback" if reference.int8_units(grad_out) else "fp32"
+
+
+def input_grad(grad_out: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """dL/dx = dL/dy @ W with W = W8 * s_w / 127 [N, K]: grad_out [..., N] -> [..., K], in grad_out's dtype.
+
+    SwitchBack (Wortsman et al. 2023, "Stable and low-precision training for large-scale vision-language
+    models", arXiv:2304.13013) runs the input gradient of an int8 layer as an int8 GEMM too:
+        dL/dx[m, k] = sum_n dL/dy[m, n] * s_w[n] / 127 * W8[n, k]
+    Fold the weight's row scales into the gradient, g = dL/dy * s_w / 127 [M, N], and this is g times W8:
+    an LLM.int8() product of g (quantized row-wise: one absmax per token) with W8^T [K, N] as its weight,
+    unit scales (127 / 127) and no outlier columns. W8^T is a view of the stored codes, so nothing the size of
+    W is made, and the same kernels as the forward run it (Triton on CUDA, torch._int_mm on a CPU).
+    """
+    path = backward_path(grad_out)
+    if path == "switchback":
+        g = grad_out.float() * (weight_scale / reference.INT8_MAX)  # [..., N] fp32
+        unit = torch.full((weight.shape[1],), reference.INT8_MAX, device=weight.device)  # [K]: s / 127 = 1
+        return _linear_forward(g, weight.t(), unit, None, 0.0)  # [..., K] fp32
+    if path == "half":
+        g = (grad_out.float() * (weight_scale / reference.INT8_MAX)).to(grad_out.dtype)
+        return g @ weight.to(grad_out.dtype)  # [..., N] @ [N, K]: the codes are exact in bf16 and fp16
+    return grad_out @ reference.dequantize_weight(weight, weight_scale)  # fp32 [..., N] @ [N, K]
 
 
 class Int8Linear(nn.Module):
@@ -194,4 +225,4 @@ def format_memory_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Int8Linear", "Int8LinearFunction", "memory_report", "format_memory_report"]
+__all__ = ["Int8Linear", "Int8LinearFunction", "input_grad", "backward_path", "memory_report", "format_memory_report"]

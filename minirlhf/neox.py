@@ -111,9 +111,23 @@ class Attention(nn.Module):
             cache.k[layer][:, :, start:start + T] = k
             cache.v[layer][:, :, start:start + T] = v
             k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]  # [B, H, S, D]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = attend(q, k, v, mask, self.dropout if self.training else 0.0)
         return self.dense(y.transpose(1, 2).reshape(B, T, C))
+
+
+def attend(q, k, v, mask, dropout_p: float = 0.0):
+    """softmax(q k^T / sqrt(D) masked) v: q [B, H, T, D], k and v [B, H, S, D], mask [B, 1, T, S] bool -> [B, H, T, D].
+
+    torch's fused scaled_dot_product_attention, except for bf16/fp16 on a CPU without dropout: there its fused
+    kernel's backward is many times slower than these few plain ops (benchmarks/bench_ppo.py's profile; the
+    [T, S] score matrices of RLHF's short sequences are small). The plain version computes in fp32 and rounds
+    once, as the fused kernels accumulate in fp32.
+    """
+    if q.device.type != "cpu" or q.dtype == torch.float32 or dropout_p > 0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, H, T, S] fp32
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return (weights @ v.float()).to(v.dtype)
 
 
 class MLP(nn.Module):

@@ -42,16 +42,17 @@ from .generate import generate
 from .lora import disable_adapters
 from .options import OptimizerConfig, PPOConfig, SamplingConfig
 from .ppo import (AdaptiveKLController, FixedKLController, LengthSampler, ValueHead, compute_advantages,
-                  compute_rewards, entropy_from_logits, logprobs_from_logits, ppo_loss, step_stats)
+                  compute_rewards, entropy_from_logits, logprobs_from_logits, ppo_loss, step_stats,
+                  token_logprobs)
 
 
 @dataclass
 class Pass:
     """One forward pass over b sequences [b, P+N], read at the N positions that predict response tokens."""
-    logprobs: torch.Tensor  # [b, N] log pi(token) at the sampling temperature
+    logprobs: torch.Tensor  # [b, N] log pi(token) at the sampling temperature, fp32
     values: torch.Tensor  # [b, N] the value head
-    logits: torch.Tensor  # [b, N, V] (log-softmaxed when the "full" KL estimator needs them)
-    lse: torch.Tensor  # [b, N] logsumexp of the logits, shared by log-probs and entropy
+    entropy: torch.Tensor  # [b, N] of pi at each position (no gradient)
+    logits: torch.Tensor | None = None  # [b, N, V] log-softmaxed fp32, only for the "full" KL estimator
 
 
 @dataclass
@@ -223,16 +224,21 @@ class PPOTrainer:
         """seq [b, P+N] -> the policy's (or, with adapters off, the reference's) Pass.
 
         Only the N positions that predict response tokens get logits: the LM head is the
-        biggest matmul of a small model, and the prompt's logits are never used.
+        biggest matmul of a small model, and the prompt's logits are never used. Log-probs and
+        entropies come from the logits in the model's dtype a few rows at a time (ppo.token_logprobs);
+        only the "full" KL estimator, which reads every token's log-prob, gets an fp32 [b, N, V] copy.
         """
         out = self.model(seq, seq_mask, logits_positions=slice(P - 1, P + N - 1))
-        logits = out.logits.float()
-        if self.sampling.temperature != 1.0:
-            logits = logits / self.sampling.temperature  # the distribution that was sampled
-        lse = torch.logsumexp(logits, dim=-1)  # [b, N], shared by log-probs and entropy
-        logprobs = logprobs_from_logits(logits, seq[:, P:], lse)
         values = self.value_head(out.hidden_states[:, P - 1:P + N - 1])
-        return Pass(logprobs, values, logits - lse.unsqueeze(-1) if full_logits else logits, lse)
+        tau = self.sampling.temperature  # log-probs of the distribution that was sampled
+        if not full_logits:
+            logprobs, entropy = token_logprobs(out.logits, seq[:, P:], tau)
+            return Pass(logprobs, values, entropy)
+        logits = out.logits.float() / tau if tau != 1.0 else out.logits.float()
+        lse = torch.logsumexp(logits, dim=-1)  # [b, N]
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits, lse)
+        return Pass(logprobs_from_logits(logits, seq[:, P:], lse), values, entropy, logits - lse.unsqueeze(-1))
 
     @torch.no_grad()
     def score_pass(self, seq, seq_mask, P, N) -> tuple[Pass, Pass]:
@@ -273,11 +279,9 @@ class PPOTrainer:
             for rows in minibatches(B, ppo.mini_batch_size, self.gen, self.device):
                 mine = rows[dist.my_rows(len(rows))] - first  # this rank's share of the minibatch, local indices
                 new = self.forward_pass(seq[mine], seq_mask[mine], P, N)
-                with torch.no_grad():
-                    entropy = entropy_from_logits(new.logits, new.lse)
                 # The whole minibatch's numbers on every rank, gradients only through this rank's rows: the
                 # loss is the single-process loss, and summing the ranks' gradients gives its gradient.
-                logprobs, vpreds, entropy = (dist.gather_rows(t) for t in (new.logprobs, new.values, entropy))
+                logprobs, vpreds, entropy = (dist.gather_rows(t) for t in (new.logprobs, new.values, new.entropy))
                 pg_loss, vf_loss, stats = ppo_loss(
                     batch.logprobs[rows], batch.values[rows], logprobs, vpreds, entropy, batch.mask[rows],
                     batch.advantages[rows], batch.returns[rows], ppo.cliprange, ppo.cliprange_value, ppo.vf_coef,
@@ -305,8 +309,8 @@ class PPOTrainer:
 
 def _cat_passes(passes: list[Pass], keep_logits: bool) -> Pass:
     cat = torch.cat
-    return Pass(cat([p.logprobs for p in passes]), cat([p.values for p in passes]),
-                cat([p.logits for p in passes]) if keep_logits else None, cat([p.lse for p in passes]))
+    return Pass(cat([p.logprobs for p in passes]), cat([p.values for p in passes]), cat([p.entropy for p in passes]),
+                cat([p.logits for p in passes]) if keep_logits else None)
 
 
 def lr_scheduler(optimizer, optim: OptimizerConfig, optimizer_steps: int):

@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from minirlhf import devices, resume
+from minirlhf import cpu, devices, resume
 from minirlhf.cli import UsageError
 from minirlhf.train import TrainConfig, run
 from tiny import hf_model, save_tokenizer
@@ -186,9 +186,13 @@ def test_help_lists_the_flags_by_concern():
 
 # ---------------------------------------------------------------------------------------------- devices
 
-def test_device_policy(monkeypatch):
-    assert devices.pick("cpu", "auto") == (torch.device("cpu"), torch.float32)
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_device_policy(monkeypatch, fast_bf16):
+    # --dtype auto on a CPU: bf16 where it has AVX512-BF16 / AMX (cpu.py), fp32 where bf16 is slower than fp32
+    monkeypatch.setattr(cpu, "FAST_BF16", fast_bf16)
+    assert devices.pick("cpu", "auto") == (torch.device("cpu"), torch.bfloat16 if fast_bf16 else torch.float32)
     assert devices.pick("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
+    assert devices.pick("cpu", "float32") == (torch.device("cpu"), torch.float32)
     # a plan may name a GPU this machine lacks; bfloat16 is then what auto picks for it
     assert devices.pick("cuda", "auto", present=False) == (torch.device("cuda"), torch.bfloat16)
     assert devices.pick("cuda:1", "float16", present=False) == (torch.device("cuda", 1), torch.float16)
@@ -211,7 +215,8 @@ def metrics(folder):
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_refuses_each_flag_that_would_change_the_run(tiny, tmp_path):
+def test_resume_refuses_each_flag_that_would_change_the_run(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu, "FAST_BF16", False)  # --dtype auto resolves to float32 on any CPU
     out = tmp_path / "r"
     small_run(tiny, out, steps=1)
     saved = resume.read_config(resume.latest_checkpoint(str(out)))

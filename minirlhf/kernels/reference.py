@@ -73,23 +73,14 @@ copies the weight.
 """
 import torch
 
+from minirlhf import cpu
+
 INT8_MAX = 127.0
 
 
-def _cpu_has_fast_int8_matmul() -> bool:
-    """True when oneDNN can run torch._int_mm with VNNI/AMX int8 instructions (Linux flag check)."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "amx_int8" in flags
-
-
-# Read once at import; tests monkeypatch it to run both CPU GEMM paths.
-CPU_FAST_INT_MM = _cpu_has_fast_int8_matmul()
+# Whether oneDNN runs torch._int_mm with VNNI/AMX int8 instructions (minirlhf/cpu.py reads the flags once);
+# tests monkeypatch it to run both CPU GEMM paths.
+CPU_FAST_INT_MM = cpu.FAST_INT8
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,7 +172,7 @@ def _quantize_rows_codes(x: torch.Tensor, threshold: float):
     return codes, row_scale, cols
 
 
-def _int8_units(a: torch.Tensor) -> bool:
+def int8_units(a: torch.Tensor) -> bool:
     """Whether this device multiplies int8 matrices natively (cuBLASLt; oneDNN with VNNI/AMX)."""
     return a.is_cuda or (a.device.type == "cpu" and CPU_FAST_INT_MM)
 
@@ -195,7 +186,7 @@ def int8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Exact int8 GEMM: a [M, K] int8 times w [N, K] int8, transposed -> [M, N] int32."""
     M, K = a.shape
     N = w.shape[0]
-    if _int8_units(a):
+    if int8_units(a):
         if not a.is_cuda:
             return torch._int_mm(a, w.t())  # w.t() is [K, N] column-major: the layout oneDNN/cuBLAS want
         if K % 8 == 0 and N % 8 == 0:  # cuBLASLt also needs K and N multiples of 8 (every Pythia layer)
@@ -238,7 +229,7 @@ def int8_linear(
         return x.new_empty(*lead_shape, N)
 
     codes, row_scale, cols = _quantize_rows_codes(x2, threshold)  # [M, K] integers in fp32, [M], [n_out]
-    if _int8_units(x2):
+    if int8_units(x2):
         acc = int8_matmul(codes.to(torch.int8), w_int8).float()  # [M, N], int32 accumulate
     else:
         # no int8 instructions: the same integer matmul in fp32 on the codes (exact, see the module
