@@ -47,11 +47,14 @@ Peaks that come and go; only the largest adds to the total
                       against torch.autograd.graph.saved_tensors_hooks in tests/test_memory.py.)
                       With gradient checkpointing each block keeps only its input (C per token)
                       and recomputes the rest during backward, one block at a time.
-      logits          [b, N, V] fp32 at response positions only (trainer.forward_pass): the
-                      logits, the softmax of the entropy / logsumexp backward, and the gradient
-                      of the log-probs scattered back: 4 copies.
-      int8 backward   dL/dx = dL/dy @ W needs W dequantized: fp32 codes times scales, 8 bytes
-                      per parameter of the largest layer, one layer at a time (int8.py).
+      logits          [b, N, V] at response positions only (trainer.forward_pass), in the model's
+                      dtype: the logits and their gradient (ppo.token_logprobs works in fp32 a few
+                      rows at a time). With --kl-estimator full, 4 fp32 copies: the logits, the
+                      softmax, the log-softmax it keeps, and the gradient.
+      int8 backward   dL/dx = dL/dy @ W (int8.input_grad), one layer at a time: in bf16, the
+                      codes cast to bf16 (2 bytes per parameter of the largest layer); in fp32 with
+                      int8 units, SwitchBack (the gradient quantized to int8, no copy of W); in fp32
+                      elsewhere, W dequantized: fp32 codes times scales, 8 bytes per parameter.
       gradients       of one block's activations while backward runs through it (~ what it
                       kept), and of the trainable parameters (4 bytes each; AdamW's foreach step
                       on a GPU makes one more parameter-sized temporary).
@@ -79,6 +82,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cpu
 from .checkpoint import resolve
 from .cli import UsageError
 from .config import ConfigError, NeoXConfig
@@ -192,11 +196,12 @@ def _adapted(model, config: NeoXConfig) -> list[set]:
 
 
 def saved_per_token(config: NeoXConfig, adapted: set, grad_in: bool, s: int, r: int, dropout: float,
-                    T: int) -> float:
+                    T: int, plain_attention: bool = False) -> float:
     """Bytes that autograd keeps for backward per token of one block (no checkpointing), T tokens a row.
 
     grad_in: the block's input needs a gradient (an earlier block has adapters). The adapter path
-    runs in fp32 (4 bytes) whatever s is, and dropout on it keeps a 1-byte mask too.
+    runs in fp32 (4 bytes) whatever s is, and dropout on it keeps a 1-byte mask too. plain_attention:
+    bf16 on a CPU, where neox.attend computes attention in fp32 plain ops instead of SDPA.
     """
     C, F, H = config.hidden_size, config.intermediate_size, config.num_attention_heads
     lora_in = {"query_key_value": C, "dense": C, "dense_h_to_4h": C, "dense_4h_to_h": F}
@@ -206,8 +211,11 @@ def saved_per_token(config: NeoXConfig, adapted: set, grad_in: bool, s: int, r: 
         if not config.use_parallel_residual:
             total += C * s + 8  # x + attention: the second LayerNorm's own input
     if grad_in or "query_key_value" in adapted:
-        total += 6 * C * s  # fused qkv [.., 3C] (v is a view of it), rotated q and k, attention output
-        total += T * s + H * 4  # SDPA keeps the causal mask as a float bias [b, 1, T, T] and a logsumexp
+        if plain_attention:  # neox.attend's fp32 ops keep their own copies, nothing of the bf16 ones
+            total += 3 * C * 4 + H * T * 4 + T  # fp32 q, k, v, the softmax weights [b, H, T, T], the inverted mask
+        else:
+            total += 6 * C * s  # fused qkv [.., 3C] (v is a view of it), rotated q and k, attention output
+            total += T * s + H * 4  # SDPA keeps the causal mask as a float bias [b, 1, T, T] and a logsumexp
     if grad_in or "dense_h_to_4h" in adapted:
         total += F * s  # GELU's input
     for name in adapted:
@@ -368,18 +376,28 @@ def update_rows(rows, z: Sizes, pb, cfg, config, model, device: str) -> None:
     L, b, T, N, C, V, s = z.L, z.b, z.T, z.N, z.C, z.V, z.s
     adapted = _adapted(model, config)
     first = next(i for i, a in enumerate(adapted) if a)
-    per_block = [saved_per_token(config, adapted[i], i > first, s, cfg.lora.lora_r, cfg.lora.lora_dropout, T)
+    plain = device == "cpu" and s == 2  # neox.attend
+    per_block = [saved_per_token(config, adapted[i], i > first, s, cfg.lora.lora_r, cfg.lora.lora_dropout, T, plain)
                  for i in range(L)]
     head = b * T * (C * s + 8) + b * N * C * 4  # final LayerNorm's input; the value head's fp32 input
     kept = b * T * sum(per_block) + head
     kept_ckpt = b * T * ((L - first) * C * s + max(per_block)) + head
     rows.add("update", "activations kept for backward", f"{L - first} blocks x [{b}, {T}] (ckpt: inputs + 1 block)",
              kept, kept_ckpt)
-    rows.add("update", "logits at response positions", f"4 x [{b}, {N}, {V}] fp32", 4 * b * N * V * 4)
+    if cfg.ppo.kl_estimator == "full":  # every token's log-prob, in fp32 (trainer.forward_pass)
+        rows.add("update", "logits at response positions", f"4 x [{b}, {N}, {V}] fp32", 4 * b * N * V * 4)
+    else:  # the logits and their gradient in the model's dtype; ppo.token_logprobs' fp32 work is a few rows at a time
+        rows.add("update", "logits at response positions", f"2 x [{b}, {N}, {V}] x {s} B", 2 * b * N * V * s)
     rows.add("update", "gradients through one block", f"[{b}, {T}] x one block's activations",
              b * T * max(per_block))
-    if cfg.base.quantized() == "int8":
-        rows.add("update", "int8 backward: one dequantized weight", f"[{z.F}, {C}] x 8 B", 8 * pb["largest_int8"])
+    if cfg.base.quantized() == "int8":  # int8.input_grad's three paths
+        if s == 2:
+            rows.add("update", "int8 backward: one layer's codes in bf16", f"[{z.F}, {C}] x 2 B", 2 * pb["largest_int8"])
+        elif device == "cuda" or cpu.FAST_INT8:
+            rows.add("update", "int8 backward (SwitchBack): the gradient in int8", f"[{b}, {T}, {z.F}] x 9 B",
+                     9 * b * T * z.F)
+        else:
+            rows.add("update", "int8 backward: one dequantized weight", f"[{z.F}, {C}] x 8 B", 8 * pb["largest_int8"])
     temps = 2 if device == "cuda" else 1  # gradients, + AdamW's foreach temporaries on a GPU
     rows.add("update", "parameter gradients (+ AdamW temporaries)", f"{temps} x {z.trainable / 1e6:,.2f}M fp32",
              4 * temps * z.trainable)
