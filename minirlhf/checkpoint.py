@@ -16,6 +16,10 @@ stays near the final model's size. With int8=True each linear layer inside the b
 quantized as soon as its weight is read (int8.py), so a full-precision copy of the model never
 exists: the 1-byte-per-parameter promise of LLM.int8() holds during loading too.
 
+A folder that transformers saved from a bitsandbytes 4-bit model (config.json's quantization_config, packed
+uint8 weights with their absmax and quant state) loads its 4-bit layers as they are, into NF4Linear, and
+save_model(keep_4bit=True) writes ours that way (nf4_checkpoint.py has the format).
+
 We never unpickle: a folder holding only a PyTorch `.bin` checkpoint is refused, because loading
 one runs arbitrary code from the file.
 """
