@@ -27,6 +27,7 @@ import minirlhf
 from minirlhf.checkpoint import CheckpointError
 from minirlhf.config import ConfigError
 from minirlhf.nf4 import NF4Linear
+from test_checkpoint import one_line_error
 from tiny import save_hf, save_tokenizer
 
 import bitsandbytes as bnb  # the oracles: bitsandbytes==0.50.2, transformers, peft from the [test] extra
@@ -186,16 +187,6 @@ def test_merging_into_the_4bit_base_requantizes_as_peft_does(peft_adapter):
 
 # ------------------------------------------------------------------------------------------------ bad input
 
-def one_line(exc_type, fn, *parts):
-    with pytest.raises(exc_type) as info:
-        fn()
-    message = str(info.value)
-    assert "\n" not in message, message
-    for part in parts:
-        assert part in message, f"{part!r} not in {message!r}"
-    return message
-
-
 def quant_state(tensors, name=QKV, quant_type="nf4"):
     key = f"{name}.weight.quant_state.bitsandbytes__{quant_type}"
     return key, json.loads(bytes(tensors[key].tolist()).decode())
@@ -247,7 +238,8 @@ BAD_TENSORS = {
     "nested absmax numel": (put("weight.nested_absmax", lambda t: torch.cat([t, t])),
                             [f"{QKV}.weight.nested_absmax", "[1]", "[2]"]),
     "weight numel": (put("weight", lambda t: t[:-2]), [f"'{QKV}.weight'", "torch.uint8 [6144, 1]", "[6142, 1]"]),
-    "weight dtype": (put("weight", lambda t: t.reshape(-1).view(torch.bfloat16)), [f"'{QKV}.weight'", "torch.bfloat16"]),
+    "weight dtype": (put("weight", lambda t: t.reshape(-1).view(torch.bfloat16)),
+                     [f"'{QKV}.weight'", "torch.bfloat16"]),
     "custom code book": (put("weight.quant_map", lambda t: t * 0.5), [f"{QKV}.weight.quant_map", "nf4 code book"]),
     "not JSON": (put("weight.quant_state.bitsandbytes__nf4", torch.tensor(list(b"{not json"), dtype=torch.uint8)),
                  [STATE, "not a JSON quant state"]),
@@ -277,7 +269,7 @@ def edit_tensors(folder, edit):
 def test_a_bad_4bit_tensor_is_one_line_naming_it(nf4_copy, case):
     edit, parts = BAD_TENSORS[case]
     edit_tensors(nf4_copy, edit)
-    one_line(CheckpointError, lambda: minirlhf.load_model(str(nf4_copy)), "model.safetensors", *parts)
+    one_line_error(CheckpointError, lambda: minirlhf.load_model(str(nf4_copy)), "model.safetensors", *parts)
 
 
 BAD_CONFIGS = {
@@ -298,23 +290,26 @@ def test_a_bad_quantization_config_is_one_line_naming_the_field(nf4_copy, case):
     raw = json.loads(path.read_text())
     raw["quantization_config"].update(fields)
     path.write_text(json.dumps(raw))
-    one_line(ConfigError, lambda: minirlhf.load_model(str(nf4_copy)), "config.json", message)
+    one_line_error(ConfigError, lambda: minirlhf.load_model(str(nf4_copy)), "config.json", message)
 
 
 def test_a_4bit_folder_refuses_another_quantization(nf4_copy):
     for kwargs in (dict(quantization="fp4"), dict(quantization="int8"), dict(quantization="none"), dict(int8=True)):
-        one_line(CheckpointError, lambda: minirlhf.load_model(str(nf4_copy), **kwargs), str(nf4_copy),
+        one_line_error(CheckpointError, lambda: minirlhf.load_model(str(nf4_copy), **kwargs), str(nf4_copy),
                  "holds bitsandbytes nf4 4-bit weights", "quantization 'nf4'")
     assert isinstance(minirlhf.load_model(str(nf4_copy), quantization="nf4").get_submodule(QKV), NF4Linear)
 
 
 def test_saving_what_the_4bit_format_cannot_hold_writes_nothing(float_folder, tmp_path):
+    def save():
+        minirlhf.save_model(model, str(tmp_path / "out"), keep_4bit=True)
+
     for kwargs, message in ((dict(int8=True), "Int8Linear; only NF4Linear"), (dict(), "no NF4Linear layers")):
         model = minirlhf.load_model(str(float_folder), **kwargs)
-        one_line(CheckpointError, lambda: minirlhf.save_model(model, str(tmp_path / "out"), keep_4bit=True), message)
+        one_line_error(CheckpointError, save, message)
     model = minirlhf.load_model(str(float_folder), quantization="nf4")
     model.gpt_neox.layers[1].mlp.dense_4h_to_h = NF4Linear.from_linear(torch.nn.Linear(128, 64), quant_type="fp4")
-    one_line(CheckpointError, lambda: minirlhf.save_model(model, str(tmp_path / "out"), keep_4bit=True), "2 formats")
+    one_line_error(CheckpointError, save, "2 formats")
     assert os.listdir(tmp_path) == []
 
 

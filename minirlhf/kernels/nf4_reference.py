@@ -214,5 +214,5 @@ def dequantize_absmax(codes: torch.Tensor, nested: torch.Tensor, offset: torch.T
 
 
 __all__ = ["BLOCKSIZES", "NESTED_BLOCKSIZE", "QUANT_TYPES", "NF4_CODE", "FP4_CODE", "normal_code", "code_4bit",
-           "dynamic_code", "block_absmax", "quantize_4bit", "unpack_4bit", "dequantize_4bit", "LUT_SIZE", "lookup_table",
-           "quantize_8bit", "double_quantize", "dequantize_absmax"]
+           "dynamic_code", "block_absmax", "quantize_4bit", "unpack_4bit", "dequantize_4bit", "LUT_SIZE",
+           "lookup_table", "quantize_8bit", "double_quantize", "dequantize_absmax"]
