@@ -166,8 +166,12 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device="cp
             names = [n for n, p in module.named_parameters(recurse=False) if p.is_meta]
             if not names or (tied and module_name == "embed_out"):  # the tied head is re-pointed below
                 continue
+            # A 4-bit folder: its 4-bit layers load as they are, the layers it kept in float stay float.
             state_key = None if four_bit is None else bnb4.quant_state_key(where, module_name)
-            if state_key is not None and is_block_linear(module_name):  # a prequantized 4-bit layer
+            if state_key is not None and not is_block_linear(module_name):
+                raise CheckpointError(f"{where[state_key][1]}: {module_name} is stored in 4 bits; minirlhf holds "
+                                      "only the blocks' linear layers in 4 bits (embeddings, norms, head in float)")
+            if state_key is not None:
                 set_module(model, module_name, _read_4bit(where, module, module_name, state_key, four_bit,
                                                           dtype, device, used))
                 continue
@@ -180,7 +184,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device="cp
                                           f"(not in {', '.join(os.path.basename(f) for f in files)})")
                 tensors[n] = _read(where, disk_name, tuple(getattr(module, n).shape))
                 used.add(disk_name)
-            if quantization != "none" and is_block_linear(module_name):
+            if quantization != "none" and four_bit is None and is_block_linear(module_name):
                 set_module(model, module_name, quantize_linear(tensors, threshold, dtype, device, quantization))
             else:
                 for n, t in tensors.items():

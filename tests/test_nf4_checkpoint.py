@@ -108,6 +108,33 @@ def test_a_transformers_4bit_folder_loads_as_it_is(bnb_folders, quant_type, doub
     assert err <= 1e-5, err  # measured 1.4e-7 to 1.6e-7 (the four formats)
 
 
+def skipping(float_folder, folder, skip):
+    """transformers' nf4 model with the `skip` modules kept in float (llm_int8_skip_modules), saved in folder."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                                llm_int8_skip_modules=skip)
+    hf = exact(AutoModelForCausalLM.from_pretrained(float_folder, quantization_config=config, device_map="cpu",
+                                                    dtype=torch.float32))
+    hf.save_pretrained(folder)
+    return hf
+
+
+def test_layers_transformers_kept_in_float_stay_float(float_folder, tmp_path):
+    hf = skipping(float_folder, tmp_path / "skip", ["dense_4h_to_h", "lm_head"])
+    ours = minirlhf.load_model(str(tmp_path / "skip"))
+    block = ours.gpt_neox.layers[1]
+    kinds = {name.rsplit(".", 1)[1]: type(m) for name, m in block.named_modules()
+             if isinstance(m, (NF4Linear, torch.nn.Linear))}
+    assert kinds == {"query_key_value": NF4Linear, "dense": NF4Linear, "dense_h_to_4h": NF4Linear,
+                     "dense_4h_to_h": torch.nn.Linear}
+    err = rel_err(logits(ours), logits(hf))
+    assert err <= 1e-5, err  # measured 1.5e-7
+    skipping(float_folder, tmp_path / "head", ["dense_4h_to_h"])  # the head in 4 bits too: not ours to hold
+    one_line_error(CheckpointError, lambda: minirlhf.load_model(str(tmp_path / "head")), "model.safetensors",
+                   "embed_out is stored in 4 bits")
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_ours_saved_in_4bit_is_transformers_file_and_reloads_as_linear4bit(bnb_folders, float_folder, tmp_path,
                                                                           quant_type):
