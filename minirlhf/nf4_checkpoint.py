@@ -23,7 +23,8 @@ Those are NF4Linear's own tensors under other names (weight, absmax, nested_absm
 way; kernels/nf4_reference.py makes them the tensors bitsandbytes itself computes. The code books in the file
 are checked against ours rather than used (NF4Linear has no place for a custom one). "dtype" is the float dtype
 the weight had before quantization, which bitsandbytes dequantizes to before casting to the compute dtype; we
-check it and dequantize straight to the compute dtype (the same numbers when both are float32).
+check it and dequantize straight to the compute dtype: the same numbers when the two dtypes are the same (one
+rounding from fp32 either way), not when a bfloat16 or float16 weight computes in float32.
 
 Every check raises ValueError with one line naming the tensor and the field; checkpoint.py adds the file.
 """
