@@ -340,16 +340,27 @@ def test_saving_what_the_4bit_format_cannot_hold_writes_nothing(float_folder, tm
     assert os.listdir(tmp_path) == []
 
 
-def test_train_py_names_the_bad_tensor_in_one_line_and_exits_2(nf4_copy, tmp_path, capsys):
+def test_train_py_names_the_bad_tensor_or_field_in_one_line_and_exits_2(nf4_copy, tmp_path, capsys):
     from test_cli import call
 
     save_tokenizer(nf4_copy)
     (tmp_path / "prompts.txt").write_text("the movie was\nhello world\n")
     argv = ["--model", str(nf4_copy), "--prompts", str(tmp_path / "prompts.txt"), "--reward", "vader",
             "--steps", "1", "--out", str(tmp_path / "run")]
-    code, err = call(argv, capsys)  # --quantization auto is int8: not what the folder holds
-    assert code == 2 and err.count("\n") == 1 and "--model: " in err and "--quantization nf4" in err, err
+
+    def one_line_exit_2(argv, message):
+        code, err = call(argv, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("train.py: error: --model: "), err
+        assert message in lines[0] and "Traceback" not in err, err
+        assert not (tmp_path / "run").exists()  # nothing written
+
+    one_line_exit_2(argv, "(--quantization nf4), not 'int8'")  # --quantization auto is int8 here
+    config = json.loads((nf4_copy / "config.json").read_text())
+    config["quantization_config"]["bnb_4bit_quant_type"] = "int4"
+    (nf4_copy / "config.json").write_text(json.dumps(config))
+    one_line_exit_2(argv + ["--quantization", "nf4"], "quantization_config.bnb_4bit_quant_type must be")
+    config["quantization_config"]["bnb_4bit_quant_type"] = "nf4"
+    (nf4_copy / "config.json").write_text(json.dumps(config))
     edit_tensors(nf4_copy, drop("weight.absmax"))
-    code, err = call(argv + ["--quantization", "nf4"], capsys)
-    assert code == 2 and err.count("\n") == 1 and f"missing tensor '{QKV}.weight.absmax'" in err, err
-    assert "Traceback" not in err and not (tmp_path / "run").exists()
+    one_line_exit_2(argv + ["--quantization", "nf4"], f"missing tensor '{QKV}.weight.absmax'")
