@@ -11,7 +11,7 @@ The tiny model's block linears have in_features 64 and 128, multiples of the blo
 (tests/test_nf4_linear.py), so those shapes would be no oracle.
 
 bitsandbytes 0.50.2 on a CPU with AVX512-BF16, in eval mode without grad, switches Linear4bit to a bf16 kernel
-(absmax rounded to bf16; measured 7.6e-4 relative on these logits). exact() turns that off, so the oracle is its
+(absmax rounded to bf16; measured 7.6e-4 relative on this tiny model's logits). exact() turns that off, so the oracle is its
 fp32 path, what it computes in training and on other CPUs.
 """
 import json
@@ -44,18 +44,14 @@ def exact(hf_model):
     return hf_model
 
 
-def bnb_config(quant_type, double_quant):
-    from transformers import BitsAndBytesConfig
+def hf_4bit(folder, quant_type=None, double_quant=None, **options):
+    """transformers' 4-bit model: quantized from a float folder (more BitsAndBytesConfig options in `options`),
+    or reloaded from a 4-bit one (quant_type None)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                              bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32)
-
-
-def hf_4bit(folder, quant_type=None, double_quant=None):
-    """transformers' 4-bit model: quantized from a float folder, or reloaded from a 4-bit one."""
-    from transformers import AutoModelForCausalLM
-
-    extra = {} if quant_type is None else {"quantization_config": bnb_config(quant_type, double_quant)}
+    extra = {} if quant_type is None else {"quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch.float32, **options)}
     return exact(AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", dtype=torch.float32, **extra))
 
 
@@ -110,12 +106,7 @@ def test_a_transformers_4bit_folder_loads_as_it_is(bnb_folders, quant_type, doub
 
 def skipping(float_folder, folder, skip):
     """transformers' nf4 model with the `skip` modules kept in float (llm_int8_skip_modules), saved in folder."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
-                                llm_int8_skip_modules=skip)
-    hf = exact(AutoModelForCausalLM.from_pretrained(float_folder, quantization_config=config, device_map="cpu",
-                                                    dtype=torch.float32))
+    hf = hf_4bit(float_folder, "nf4", True, llm_int8_skip_modules=skip)
     hf.save_pretrained(folder)
     return hf
 
