@@ -147,7 +147,7 @@ def read_linear(tensors: dict, prefix: str, state_key: str, out_features: int, i
                       dtype=bias.dtype if bias is not None else torch.float32)
     code = _tensor(tensors, f"{prefix}.weight.quant_map", torch.float32, (16,))
     if not torch.equal(code, R.code_4bit(quant_type)):
-        raise ValueError(f"tensor {prefix}.weight.quant_map is not bitsandbytes' {quant_type} code book "
+        raise ValueError(f"tensor '{prefix}.weight.quant_map' is not bitsandbytes' {quant_type} code book "
                          "(custom code books are not supported)")
     layer.weight.data.copy_(_tensor(tensors, f"{prefix}.weight", torch.uint8, ((n + 1) // 2, 1)))
     if double_quant:
@@ -158,7 +158,8 @@ def read_linear(tensors: dict, prefix: str, state_key: str, out_features: int, i
                         "a finite number")
         code8 = _tensor(tensors, f"{prefix}.weight.nested_quant_map", torch.float32, (256,))
         if not torch.equal(code8, R.dynamic_code()):
-            raise ValueError(f"tensor {prefix}.weight.nested_quant_map is not bitsandbytes' dynamic 8-bit code book")
+            raise ValueError(f"tensor '{prefix}.weight.nested_quant_map' is not bitsandbytes' dynamic 8-bit "
+                             "code book")
         layer.absmax.copy_(_tensor(tensors, f"{prefix}.weight.absmax", torch.uint8, (blocks,)))
         layer.nested_absmax.copy_(_tensor(tensors, f"{prefix}.weight.nested_absmax", torch.float32,
                                           (-(-blocks // R.NESTED_BLOCKSIZE),)))
