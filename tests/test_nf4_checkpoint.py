@@ -104,6 +104,14 @@ def test_a_transformers_4bit_folder_loads_as_it_is(bnb_folders, quant_type, doub
     assert err <= 1e-5, err  # measured 1.4e-7 to 1.6e-7 (the four formats)
 
 
+def test_a_sharded_4bit_folder_loads_too(bnb_folders, tmp_path):
+    folder, hf = bnb_folders["nf4", True]
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert len([n for n in os.listdir(tmp_path / "sharded") if n.endswith(".safetensors")]) > 2
+    ours = minirlhf.load_model(str(tmp_path / "sharded"))
+    assert torch.equal(logits(ours), logits(minirlhf.load_model(str(folder))))
+
+
 def skipping(float_folder, folder, skip):
     """transformers' nf4 model with the `skip` modules kept in float (llm_int8_skip_modules), saved in folder."""
     hf = hf_4bit(float_folder, "nf4", True, llm_int8_skip_modules=skip)
