@@ -113,8 +113,9 @@ class NeoXConfig:
         d["model_type"] = "gpt_neox"
         return d
 
-    def save(self, path: str, architecture: str = "GPTNeoXForCausalLM") -> None:
-        d = {"architectures": [architecture], **self.to_dict()}
+    def save(self, path: str, architecture: str = "GPTNeoXForCausalLM", extra: dict | None = None) -> None:
+        """Write config.json; extra: more top-level entries (a 4-bit model's quantization_config)."""
+        d = {"architectures": [architecture], **self.to_dict(), **(extra or {})}
         with open(path, "w", encoding="utf-8") as f:
             json.dump(d, f, indent=2)
 

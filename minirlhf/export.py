@@ -16,7 +16,10 @@ safetensors store: float16 for the embedded default), the adapter is put on it a
 
 and the result is written in that same dtype. The int8 policy that trained differs from this export by
 exactly the int8 rounding it trained through (LLM.int8()'s error, README); an export of a --no-int8 run
-equals the trained policy up to the checkpoint's float rounding.
+equals the trained policy up to the checkpoint's float rounding. The same holds for a 4-bit (--quantization
+nf4 | fp4) run on a float checkpoint. A base that is itself a 4-bit folder (what transformers saves from a
+bitsandbytes model) has no float weights: its dequantized weights are the float base, merged in fp32 and
+written in its float dtype, never requantized.
 
 The run folder names its base in config.json ("model", "default" = the embedded one) and keeps the
 tokenizer next to adapter/ (train.py writes both). Every error is one line naming the folder, exit 2;
@@ -38,6 +41,7 @@ from .checkpoint import TOKENIZER_FILES, CheckpointError, load_model, resolve, s
 from .cli import Parser, fail, read_json_object
 from .embedded import default_path
 from .lora import AdapterError, load_adapter, merge_and_unload
+from .quantize import dequantize_linears
 from .resume import VALUE_HEAD_FILE
 
 PROG = "python -m minirlhf.export"
@@ -107,6 +111,7 @@ def export_merged(run: str, out: str) -> None:
     base = base_folder(run, config)
     dtype = checkpoint_dtype(base)
     model = load_model(base, dtype=dtype, device="cpu", int8=False)
+    dequantize_linears(model, dtype)  # a prequantized 4-bit base: its dequantized weights are the float base
     load_adapter(model, os.path.join(run, "adapter"))
     merge_and_unload(model)  # W + (alpha/r) B @ A in fp32, cast to the checkpoint's dtype
     save_model(model, out, tokenizer_folder=tokenizer_folder(run, base), dtype=dtype)

@@ -42,7 +42,8 @@ class BaseConfig:
     quantization: str = "auto"
     """How the blocks' linear layers are held: int8 (LLM.int8()), nf4 or fp4 (4-bit blocks of 64 with double
     quantization, QLoRA), none (floating point), or auto (int8, or none with --no-int8). --no-int8 with int8,
-    nf4 or fp4 is an error."""
+    nf4 or fp4 is an error. A --model folder saved 4-bit by transformers + bitsandbytes loads as it is, with
+    its own nf4 or fp4."""
     int8_threshold: float = 6.0
     """LLM.int8() outlier threshold, >= 0: activation columns with any |x| >= this run in floating point."""
     dtype: str = "auto"

@@ -60,6 +60,19 @@ def quantize_linear(tensors: dict[str, torch.Tensor], threshold: float, dtype: t
     return Int8Linear.from_weight(weight, bias, threshold=threshold)
 
 
+def dequantize_linears(model: nn.Module, dtype: torch.dtype) -> None:
+    """Swap every quantized linear for a frozen nn.Linear holding its dequantized weight, cast once to dtype:
+    the float model a prequantized (4-bit) checkpoint stands for, the only float version of it there is."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QUANTIZED_LINEARS):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                               device=module.weight.device, dtype=dtype).requires_grad_(False)
+            linear.weight.copy_(module.dequantize())  # fp32 [out, in], rounded once to dtype by copy_
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+            set_module(model, name, linear)
+
+
 def quantize_on_meta(model: nn.Module, dtype: torch.dtype, quantization: str = "int8") -> None:
     """Swap every block linear of a model on the meta device for an empty quantized linear of the same shape."""
     for name, module in list(model.named_modules()):

@@ -108,9 +108,11 @@ def test_adapter_folder_loads_with_peft_on_the_base_and_gives_the_same_logits(fl
         assert len(list(f.keys())) > 0
 
 
-def test_an_int8_run_is_merged_into_the_checkpoints_own_float16_weights(tmp_path):
-    """The run trained on int8 blocks; the export merges into the float16 checkpoint, not into dequantized int8."""
-    base, run_folder = short_run(tmp_path, dtype=torch.float16)  # int8 on (the default)
+@pytest.mark.parametrize("quantization", ["int8", "nf4"])
+def test_a_quantized_run_is_merged_into_the_checkpoints_own_float16_weights(tmp_path, quantization):
+    """The run trained on int8 (or 4-bit) blocks; the export merges into the float16 checkpoint, not into
+    dequantized int8 (4-bit) weights."""
+    base, run_folder = short_run(tmp_path, dtype=torch.float16, quantization=quantization)
     out = tmp_path / "merged"
     assert main([str(run_folder), str(out), "--merged"]) == 0
     name = "gpt_neox.layers.1.attention.query_key_value"
@@ -119,12 +121,42 @@ def test_an_int8_run_is_merged_into_the_checkpoints_own_float16_weights(tmp_path
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
         merged = f.get_tensor(name + ".weight")
-    trained = load_adapter(minirlhf.load_model(str(base), int8=True), str(run_folder / "adapter"))
+    trained = load_adapter(minirlhf.load_model(str(base), quantization=quantization), str(run_folder / "adapter"))
     m = dict(lora_modules(trained))[name]
     delta = m.delta_weight().detach()
     assert torch.equal(merged, (w16.float() + delta).half())  # bit for bit: fp32 sum, one cast to fp16
     dequantized = (m.base_layer.dequantize() + delta).half()
     assert not torch.equal(merged, dequantized)  # what a merge into dequantized int8 would have written
+
+
+def test_a_run_on_a_prequantized_4bit_folder_is_merged_into_its_dequantized_weights(tmp_path):
+    """A 4-bit base folder (transformers + bitsandbytes' format, here written by save_model(keep_4bit=True)) has
+    no float weights: the export merges into its dequantized ones, in fp32, without requantizing."""
+    from transformers import GPTNeoXForCausalLM
+
+    float_base, base = tmp_path / "float", tmp_path / "base"
+    hf_model(seed=0).save_pretrained(float_base)
+    minirlhf.save_model(minirlhf.load_model(str(float_base), quantization="nf4"), str(base), keep_4bit=True)
+    save_tokenizer(base)
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    run_folder = tmp_path / "run"
+    run(TrainConfig.from_flags(model=str(base), prompts=str(tmp_path / "prompts.txt"), out=str(run_folder),
+                               quantization="nf4", **SHORT), progress=False)
+    out = tmp_path / "merged"
+    assert main([str(run_folder), str(out), "--merged"]) == 0
+    trained = load_adapter(minirlhf.load_model(str(base)), str(run_folder / "adapter"))  # the 4-bit policy
+    name = "gpt_neox.layers.1.mlp.dense_h_to_4h"
+    m = dict(lora_modules(trained))[name]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+        merged = f.get_tensor(name + ".weight")
+    assert torch.equal(merged, m.base_layer.dequantize() + m.delta_weight().detach())  # bit for bit
+    tok, ids, mask = encode(out)
+    with torch.no_grad():
+        want = trained(ids, mask).logits
+        got = GPTNeoXForCausalLM.from_pretrained(str(out)).eval()(input_ids=ids, attention_mask=mask).logits
+    diff = (got - want)[mask.bool()].abs().max().item()
+    assert diff <= 1e-4, diff  # measured 4.2e-7: the merged float model is the 4-bit policy
 
 
 def bad_cases(tmp):

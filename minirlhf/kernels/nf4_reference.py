@@ -42,12 +42,15 @@ Matching bitsandbytes 0.50 on CPU (backends/default/ops.py quantize_4bit; csrc/c
     in (0, first midpoint] gets code 8 (-0) and one in [-first midpoint, 0] gets code 0.
   * Packing: element 2k is the high nibble, 2k + 1 the low nibble of byte k, over the flattened tensor; an
     odd element count is padded with one code for 0.0 (bucketed like any other value).
-  * Double quantization: x = absmax - mean(absmax); per 256-block s = max |x|; n = x / s (a division);
-    the nearest code of the dynamic map, the lower one on an exact tie. bitsandbytes' CPU C quantizer
-    (cquantize_blockwise_cpu_fp32) is not an exact nearest-code search: on ~0.3% of values within ~1.5e-5
-    of a midpoint between two codes it picks the other neighbour (tests/test_nf4_reference.py measures it).
-    So our 8-bit absmax codes equal bitsandbytes' except for those; the offset and the nested absmax are
-    bit-identical, and dequantizing a given nested state is bit-identical.
+  * Double quantization: x = absmax - mean(absmax); per 256-block s = max |x| and n = x * (1 / s), clamped
+    to [-1, 1]. bitsandbytes' CPU C quantizer (cquantize_blockwise_cpu_fp32, csrc/cpu_ops.cpp) does not search
+    the 8-bit code book for each value: it reads a 65,536-entry lookup table. Entry i holds the nearest code
+    (the lower one on a tie) of the grid point g_i = -1 + 2i / 65535, and a value n reads the entry of the
+    grid point nearest to it, i = trunc((n + 1) * 0.5 * 65535 + 0.5), all in fp32. So a value within half a
+    grid step (1.5e-5) of a midpoint between two codes may get the farther code, and the codes closer together
+    than a grid step (the smallest, near 0) are not all reachable. We build the same table (lookup_table) and
+    read it the same way: our 8-bit codes are bitsandbytes' codes, bit for bit. An all-zero 256-block gets
+    code 0 (its scale is 0, so it dequantizes to the offset).
   * Dequantization is CODE[q] * absmax in fp32, rounded once to the output dtype (round to nearest even).
     A nested absmax is CODE8[q] * s + offset in fp32.
 """
@@ -170,22 +173,37 @@ def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) ->
     return values
 
 
+LUT_SIZE = 65536  # grid points of bitsandbytes' CPU 8-bit quantizer over [-1, 1]
+
+
+def lookup_table(code: torch.Tensor) -> torch.Tensor:
+    """For a sorted fp32 code book [256]: int64 [LUT_SIZE], entry i = the nearest code to the grid point
+    -1 + 2i / (LUT_SIZE - 1), the lower one on a tie (= how many midpoints lie strictly below the point)."""
+    midpoints = 0.5 * (code[:-1] + code[1:])  # [255]
+    grid = -1.0 + (2.0 * torch.arange(LUT_SIZE, dtype=torch.float32, device=code.device)) / (LUT_SIZE - 1)
+    return torch.searchsorted(midpoints, grid)  # left: the first midpoint >= the grid point
+
+
+def quantize_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE):
+    """fp32 [n] -> (codes uint8 [n], absmax fp32 [ceil(n / blocksize)]), as bitsandbytes' CPU quantize_blockwise:
+    each block times 1 / its absmax, clamped to [-1, 1], rounded to the nearest of LUT_SIZE grid points, and
+    that point's nearest code read from lookup_table(code)."""
+    absmax = block_absmax(x, blocksize)
+    inverse = torch.where(absmax > 0, 1.0 / absmax, 0.0)  # a reciprocal, then a product, as the C code does
+    normed = (x * inverse.repeat_interleave(blocksize)[: x.numel()]).clamp(-1, 1)  # [n]
+    point = ((normed + 1.0) * 0.5 * (LUT_SIZE - 1) + 0.5).long()  # fp32 arithmetic, truncated: the nearest point
+    codes = lookup_table(code)[point]
+    codes[(absmax == 0).repeat_interleave(blocksize)[: x.numel()]] = 0  # what the C code writes for a zero block
+    return codes.to(torch.uint8), absmax
+
+
 def double_quantize(absmax: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE):
     """fp32 absmax [blocks] -> (codes uint8 [blocks], nested absmax fp32 [ceil(blocks / 256)], offset fp32 []).
 
-    absmax - offset (its mean) is quantized to the 8-bit dynamic code book, blockwise: the code at or below,
-    or the next one if it is strictly closer."""
-    code = dynamic_code().to(absmax.device)
+    absmax - offset (its mean) is quantized to the 8-bit dynamic code book, blockwise (quantize_8bit)."""
     offset = absmax.mean()
-    x = absmax - offset
-    nested = block_absmax(x, blocksize)
-    per_elem = nested.repeat_interleave(blocksize)[: x.numel()]
-    normed = x / per_elem  # a true division, as the C code does
-    idx = (torch.searchsorted(code, normed, right=True) - 1).clamp(0, 255)  # CODE[idx] <= normed
-    up = (idx + 1).clamp(max=255)
-    closer = (normed - code[up]).abs() < (normed - code[idx]).abs()
-    idx = torch.where(closer & (idx < 255), up, idx)
-    return idx.to(torch.uint8), nested, offset
+    codes, nested = quantize_8bit(absmax - offset, dynamic_code().to(absmax.device), blocksize)
+    return codes, nested, offset
 
 
 def dequantize_absmax(codes: torch.Tensor, nested: torch.Tensor, offset: torch.Tensor,
@@ -196,5 +214,5 @@ def dequantize_absmax(codes: torch.Tensor, nested: torch.Tensor, offset: torch.T
 
 
 __all__ = ["BLOCKSIZES", "NESTED_BLOCKSIZE", "QUANT_TYPES", "NF4_CODE", "FP4_CODE", "normal_code", "code_4bit",
-           "dynamic_code", "block_absmax", "quantize_4bit", "unpack_4bit", "dequantize_4bit", "double_quantize",
-           "dequantize_absmax"]
+           "dynamic_code", "block_absmax", "quantize_4bit", "unpack_4bit", "dequantize_4bit", "LUT_SIZE",
+           "lookup_table", "quantize_8bit", "double_quantize", "dequantize_absmax"]
