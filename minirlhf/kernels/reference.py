@@ -163,8 +163,10 @@ def _quantize_rows_codes(x: torch.Tensor, threshold: float):
     a = x.abs()  # [M, K]
     cols = _outlier_columns_of_abs(a, threshold)
     if cols.numel() > 0:
-        # bitsandbytes semantics: only the outlier elements leave the absmax ...
-        a.masked_fill_(a >= threshold, 0.0)
+        # bitsandbytes semantics: only the outlier elements leave the absmax ... (they all sit in the outlier
+        # columns, so only those few columns are touched)
+        a_out = a[:, cols]  # [M, n_out]
+        a[:, cols] = a_out.masked_fill_(a_out >= threshold, 0.0)
     row_scale = a.amax(dim=1)  # [M]; NaN propagates, so a NaN row keeps a NaN scale
     codes = _round_codes(x, row_scale)
     if cols.numel() > 0:
@@ -230,14 +232,15 @@ def int8_linear(
 
     codes, row_scale, cols = _quantize_rows_codes(x2, threshold)  # [M, K] integers in fp32, [M], [n_out]
     if int8_units(x2):
-        acc = int8_matmul(codes.to(torch.int8), w_int8).float()  # [M, N], int32 accumulate
+        acc = int8_matmul(codes.to(torch.int8), w_int8)  # [M, N] int32 accumulate
     else:
         # no int8 instructions: the same integer matmul in fp32 on the codes (exact, see the module
         # docstring), skipping the round trip through int8 and int32 that would change no value
         acc = codes @ w_int8.float().t()  # [M, N]
 
-    # dequantize: y = acc * s_x[m] * s_w[n] / 127^2 (+ b)
-    y = acc.mul_((row_scale / (INT8_MAX * INT8_MAX))[:, None])  # [M, N] fp32
+    # dequantize: y = acc * s_x[m] * s_w[n] / 127^2 (+ b); the int32 accumulator is converted inside the first
+    # multiply (no separate int32 -> fp32 pass)
+    y = acc * (row_scale / (INT8_MAX * INT8_MAX))[:, None]  # [M, N] fp32
     y.mul_(w_scale.float())
     if bias is not None:
         y.add_(bias.float())
