@@ -58,7 +58,8 @@ to the policy that sampled the data by clipping the probability ratio r_t = pi_n
 
 where every mean is a masked mean over all response tokens of the minibatch (`ppo_loss`).
 
-Reading order: the masked statistics, `logprobs_from_logits` / `entropy_from_logits`, `kl_penalty`,
+Reading order: the masked statistics, `logprobs_from_logits` / `entropy_from_logits` (and `token_logprobs`,
+the same two computed a few rows at a time, which the trainer uses), `kl_penalty`,
 `compute_rewards`, `compute_advantages`, `ppo_loss`, `step_stats`, then the KL controllers,
 `LengthSampler` and `ValueHead`.
 """
