@@ -43,7 +43,9 @@ Where a block starts (the ROW_ALIGNED constexpr)
     otherwise (e.g. K = 130): blocks run over the flattened weight, so a block can span two rows and an odd K
         puts a row's first code in a low nibble. Then every element computes its flat index e = n*K + k,
         loads byte e/2, picks nibble 1 - e%2 and absmax[e / blocksize]: gathers, slower, exact. Same results
-        as the reference on every shape it takes (tests/test_nf4_kernels.py: K = 130, 67).
+        as the reference on every shape it takes (tests/test_nf4_kernels.py: K = 130, 67). Its K loop is not
+        software-pipelined (LOOP_STAGES = 1): pipelining would stage every gathered [BN, BK] tile (bytes,
+        codes, absmax) in shared memory, 330-460 KB per program in the compile matrix.
 
 Numbers: the decode is exact (CODE[q] * absmax in fp32, one IEEE multiply; the nested absmax CODE8[q8] *
 nested + offset, a multiply and an add, kept apart: the launch sets enable_fp_fusion=False, so no FMA
@@ -97,8 +99,10 @@ def _absmax_of(blk, mask, absmax_ptr, nested_ptr, offset_ptr, code8_ptr, DOUBLE_
     if DOUBLE_QUANT:
         q8 = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)  # uint8 codes of absmax - offset
         nested = tl.load(nested_ptr + blk // 256, mask=mask, other=0.0)  # fp32, one per 256 blocks
-        return tl.load(code8_ptr + q8) * nested + tl.load(offset_ptr)  # two roundings: no FMA (module docstring)
-    return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+        absmax = tl.load(code8_ptr + q8) * nested + tl.load(offset_ptr)  # two roundings: no FMA (module docstring)
+    else:
+        absmax = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    return absmax
 
 
 @triton.jit
@@ -170,8 +174,9 @@ def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). BLOCK_K <= blocksize (one absmax per row per step), so
 # 64 for the default blocksize 64 and 32 for blocksize 32. BLOCK_M 16 / 32 serve decoding (see "no GEMV").
 # For the input-gradient kernel the same tuples are read with BLOCK_N as its reduction step over N and
-# BLOCK_K as its output tile along K.
-_GEMM_TILES = [
+# BLOCK_K as its output tile along K. fp32 inputs have a list of their own: tf32x3 splits both operands in
+# two, and every tile with more than ~1024 products per thread per K step spilled (README, compile matrix).
+_HALF_TILES = [
     (128, 128, 64, 3, 8),
     (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4),
@@ -181,7 +186,13 @@ _GEMM_TILES = [
     (16, 128, 64, 4, 4),
     (16, 64, 64, 4, 4),
     (16, 32, 64, 4, 2),
-    (16, 64, 32, 4, 4),
+    (16, 64, 32, 4, 2),
+]
+_FP32_TILES = [
+    (64, 64, 32, 4, 4),
+    (16, 64, 64, 4, 4),
+    (16, 32, 64, 4, 2),
+    (16, 32, 32, 4, 2),
 ]
 
 
@@ -190,28 +201,37 @@ def _gemm_configs():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=4, num_stages=1)
                 for bk in (64, 32)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-            for bm, bn, bk, s, w in _GEMM_TILES]
+            for bm, bn, bk, s, w in dict.fromkeys(_HALF_TILES + _FP32_TILES)]
 
 
-def nf4_configs_for(configs, blocksize: int, arch: int | None):
-    """The configs a launch may use: BLOCK_K <= blocksize, and on a GPU of compute capability `arch` the
-    pipelined tiles within its shared memory, num_stages * (BM * BK * 2 + BN * BK / 2) bytes (fp16 x tile plus
-    packed bytes; fp32's x tile is twice that, checked by compile_check.py). In the interpreter the single
-    largest BLOCK_K that fits."""
+def nf4_configs_for(configs, blocksize: int, arch: int | None, dtype=torch.float16, transposed=False):
+    """The configs a launch may use: BLOCK_K <= blocksize; on a GPU of compute capability `arch` the tiles of
+    `dtype`'s list whose shared memory fits, estimated as num_stages copies of the pipelined input tile and
+    packed bytes plus two of the decoded tile (compile_check.py measures the real figure). In the
+    interpreter (arch None) the single largest BLOCK_K that fits."""
     kept = [c for c in configs if c.kwargs["BLOCK_K"] <= blocksize]
     if arch is None:
         return kept[:1]
+    tiles = {t[:3] + (t[4],) for t in (_FP32_TILES if dtype == torch.float32 else _HALF_TILES)}
     limit = SMEM_LIMIT.get(arch, min(SMEM_LIMIT.values()))
-    return [c for c in kept
-            if c.num_stages * (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] * 4 + c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])
-            <= limit]
+    size = torch.empty((), dtype=dtype).element_size()
+    out = []
+    for c in kept:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if (bm, bn, bk, c.num_warps) not in tiles:
+            continue
+        inputs = bm * (bn if transposed else bk) * size  # dy [BM, BN] or x [BM, BK]
+        if c.num_stages * (inputs + bn * bk // 2) + 2 * bn * bk * size <= limit:
+            out.append(c)
+    return out
 
 
 def _prune(configs, named_args, **kwargs):
     if INTERPRET:
         return nf4_configs_for(configs, kwargs["BLOCKSIZE"], None)
-    major, minor = torch.cuda.get_device_capability(named_args["out_ptr"].device)
-    return nf4_configs_for(configs, kwargs["BLOCKSIZE"], 10 * major + minor)
+    out = named_args["out_ptr"]
+    major, minor = torch.cuda.get_device_capability(out.device)
+    return nf4_configs_for(configs, kwargs["BLOCKSIZE"], 10 * major + minor, out.dtype, "dy_ptr" in named_args)
 
 
 _KEY = ["M_BUCKET", "N", "K", "BLOCKSIZE", "DOUBLE_QUANT", "ROW_ALIGNED", "DOT", "W_ROUND", "OFFSETS_64"]
@@ -223,7 +243,7 @@ def _nf4_matmul_kernel(
     x_ptr, w_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, code8_ptr, bias_ptr, out_ptr,
     M, N, K, M_BUCKET, stride_xm, stride_xk, stride_om, stride_on,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOT: tl.constexpr, W_ROUND: tl.constexpr, OFFSETS_64: tl.constexpr,
+    DOT: tl.constexpr, W_ROUND: tl.constexpr, OFFSETS_64: tl.constexpr, LOOP_STAGES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # y [M, N] = x [M, K] @ W^T [K, N] (+ b)
@@ -237,7 +257,7 @@ def _nf4_matmul_kernel(
         rn = rn.to(tl.int64)
     x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk  # [BM, BK]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=LOOP_STAGES):
         x = tl.load(x_ptrs, mask=m_mask[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
         w = _dequant_tile(w_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, code8_ptr, rn, k0, N, K,
                           BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, ROW_ALIGNED)  # fp32 [BN, BK]
@@ -256,7 +276,7 @@ def _nf4_matmul_t_kernel(
     dy_ptr, w_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, code8_ptr, out_ptr,
     M, N, K, M_BUCKET, stride_dm, stride_dn, stride_om, stride_ok,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
-    DOT: tl.constexpr, W_ROUND: tl.constexpr, OFFSETS_64: tl.constexpr,
+    DOT: tl.constexpr, W_ROUND: tl.constexpr, OFFSETS_64: tl.constexpr, LOOP_STAGES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # dx [M, K] = dy [M, N] @ W [N, K]: output tiles [BM, BK], the reduction walks W's rows BLOCK_N at a time
@@ -270,7 +290,7 @@ def _nf4_matmul_t_kernel(
         rn = rn.to(tl.int64)
     dy_ptrs = dy_ptr + rm[:, None] * stride_dm + rn[None, :] * stride_dn  # [BM, BN]
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in tl.range(0, N, BLOCK_N, num_stages=LOOP_STAGES):
         dy = tl.load(dy_ptrs, mask=m_mask[:, None] & ((n0 + rn) < N)[None, :], other=0.0)
         w = _dequant_tile(w_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, code8_ptr, n0 + rn,
                           pid_k * BLOCK_K, N, K, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, ROW_ALIGNED)  # fp32 [BN, BK]
@@ -307,8 +327,8 @@ def _code_books(quant_type: str, device: torch.device):
 
 
 def _quant_state(x, weight, absmax, nested_absmax, offset, shape, blocksize, quant_type):
-    """Check the stored tensors against shape [N, K] and x's device; one-line errors naming the tensor.
-    Returns (absmax, nested, offset, code, code8) ready for a launch (nested/offset stand-ins when absent)."""
+    """Check the stored tensors against shape [N, K] and x's device (one-line errors naming the tensor) and
+    return them as launch_state."""
     N, K = shape
     R._check_blocksize(blocksize)
     blocks = -(-(N * K) // blocksize)
@@ -325,8 +345,14 @@ def _quant_state(x, weight, absmax, nested_absmax, offset, shape, blocksize, qua
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     code, code8 = _code_books(quant_type, x.device)
-    if not double_quant:
-        return absmax.contiguous(), code8, code8, code, code8  # nested, offset not read: any fp32 pointer
+    return launch_state(absmax, nested_absmax, offset, code, code8)
+
+
+def launch_state(absmax, nested_absmax, offset, code, code8):
+    """The five quantization-state pointers every kernel takes: (absmax, nested, offset, code, code8).
+    Without double quantization nested and offset are never read (DOUBLE_QUANT=False): code8 stands in."""
+    if nested_absmax is None:
+        return absmax.contiguous(), code8, code8, code, code8
     return absmax.contiguous(), nested_absmax.float().contiguous(), offset.float().reshape(1), code, code8
 
 
@@ -345,6 +371,7 @@ def _gemm_launch(x2, weight, state, shape, blocksize, bias, out, transposed=Fals
     dot, w_round = _dot_mode(x2.dtype)
     consts = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=state[0].dtype == torch.uint8, ROW_ALIGNED=K % blocksize == 0,
                   DOT=dot, W_ROUND=w_round, OFFSETS_64=_needs_int64_offsets(x2, out, weight),
+                  LOOP_STAGES=None if K % blocksize == 0 else 1,  # ragged K: the gathers are not pipelined
                   enable_fp_fusion=False)  # no FMA in the nested absmax (module docstring)
     m_bucket = min(triton.next_power_of_2(M), 4096)  # autotune per power-of-2 bucket of M
     if transposed:
@@ -416,4 +443,4 @@ def triton_dequantize_4bit(weight, absmax, nested_absmax, offset, shape, blocksi
     return out
 
 
-__all__ = ["triton_nf4_linear", "triton_nf4_grad_input", "triton_dequantize_4bit", "nf4_configs_for"]
+__all__ = ["triton_nf4_linear", "triton_nf4_grad_input", "triton_dequantize_4bit", "nf4_configs_for", "launch_state"]
