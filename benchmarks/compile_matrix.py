@@ -43,7 +43,7 @@ CI_SUBSET = [
 NF4_CI_SUBSET = [
     # (arch, dtype, kernels, configs, variants)
     (90, "fp16", C.NF4_KERNELS, ["128x128x64", "16x64x64"], ("double-quant",)),
-    (80, "bf16", C.NF4_KERNELS, ["128x64x64"], ("double-quant", "ragged-K")),
+    (80, "bf16", C.NF4_KERNELS, ["64x64x32"], ("double-quant", "ragged-K")),
     (89, "fp32", ["_nf4_matmul_kernel"], None, ("fp32-absmax",)),
     (90, "bf16", ["_nf4_matmul_t_kernel"], None, ("offsets-64",)),
 ]

@@ -112,11 +112,12 @@ def launches(dtype, M, K, N, threshold=6.0, bias=True):
 
 NF4_KERNELS = ("_nf4_matmul_kernel", "_nf4_matmul_t_kernel")
 NF4_BLOCKSIZE = 64
-# the NF4 variants besides the default (double quantization, K % 64 == 0, int32 offsets), each built with
-# the largest tile that survives pruning: plain fp32 absmax, a K that is not a whole number of blocks per row
-# (the flat-index decoder), and 2^19 tokens (int64 offsets)
+# the NF4 variants: double-quantized or plain fp32 absmax (K % 64 == 0, int32 offsets), both built with every
+# config that survives pruning; a K that is not a whole number of blocks per row (the flat-index decoder,
+# K = 6120) and 2^19 tokens (int64 offsets), each with the largest config that survives
 NF4_VARIANTS = {"double-quant": dict(double_quant=True), "fp32-absmax": dict(double_quant=False),
                 "ragged-K": dict(double_quant=True, K=6120), "offsets-64": dict(double_quant=True, M=SHAPE_64["M"])}
+NF4_EVERY_CONFIG = ("double-quant", "fp32-absmax")
 
 
 def nf4_launches(dtype, M, K, N, double_quant=True, blocksize=NF4_BLOCKSIZE):
@@ -157,8 +158,9 @@ def nf4_matrix(archs=ARCHS, dtypes=tuple(DTYPES), kernels=NF4_KERNELS, configs=N
                     if name not in kernels:
                         continue
                     kept = nf4_configs_for(kernel.configs, NF4_BLOCKSIZE, arch, DTYPES[dtype_name],
-                                           transposed=name == "_nf4_matmul_t_kernel")
-                    for config in kept if variant == "double-quant" else kept[:1]:
+                                           transposed=name == "_nf4_matmul_t_kernel",
+                                           ragged=not kwargs["ROW_ALIGNED"])
+                    for config in kept if variant in NF4_EVERY_CONFIG else kept[:1]:
                         kw = {**kwargs, **config.all_kwargs()}
                         if configs and f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}" not in configs:
                             continue
@@ -278,7 +280,7 @@ def check_build(kernel, args, kwargs, arch, dtype_name):
         b.outlier_mma = found.group(0) if found else ""  # the column's name is int8's; here: the GEMM's MMA
         if not found:
             b.problems.append(f"the K loop's product is not on {operand} tensor cores")
-        if "cp.async" not in ptx:
+        if kwargs["ROW_ALIGNED"] and "cp.async" not in ptx:  # a ragged K's loop is not pipelined
             b.problems.append("no asynchronous copies (cp.async) in the main loop")
         if _FP32_FMA.search(ptx):
             b.problems.append("an fp32 FMA: the nested absmax must round its product and its sum apart")

@@ -126,7 +126,7 @@ def _dequant_tile(w_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, code8_ptr
     else:
         # blocks over the flattened weight: each element finds its byte, nibble and block from e = n*K + k
         mask = row_ok[:, None] & (cols < K)[None, :]
-        e = rows.to(tl.int64)[:, None] * K + cols[None, :]  # [R, C] flat element index
+        e = rows[:, None] * K + cols[None, :]  # [R, C] flat element index (int64 with OFFSETS_64)
         byte = tl.load(w_ptr + (e >> 1), mask=mask, other=0).to(tl.int32)
         q = (byte >> (4 - 4 * (e & 1)).to(tl.int32)) & 0xF  # even e: high nibble
         scale = _absmax_of(e // BLOCKSIZE, mask, absmax_ptr, nested_ptr, offset_ptr, code8_ptr, DOUBLE_QUANT)
@@ -173,12 +173,14 @@ def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). BLOCK_K <= blocksize (one absmax per row per step), so
 # 64 for the default blocksize 64 and 32 for blocksize 32. BLOCK_M 16 / 32 serve decoding (see "no GEMV").
-# For the input-gradient kernel the same tuples are read with BLOCK_N as its reduction step over N and
-# BLOCK_K as its output tile along K. fp32 inputs have a list of their own: tf32x3 splits both operands in
-# two, and every tile with more than ~1024 products per thread per K step spilled (README, compile matrix).
-_HALF_TILES = [
+# The input-gradient kernel reads the same tuples with BLOCK_N as its reduction step over N and BLOCK_K as its
+# output tile along K; its decoded tile is an MMA B operand in row-major order (a transposing shared-memory
+# round trip on mma.sync), and the tiles that spilled there are left out of its list. fp32 inputs have lists
+# of their own: tf32x3 splits both operands in two. Every tile kept compiled spill-free for sm_80/89/90 in
+# both absmax formats; 128 x 64 x 64 on 4 warps, at 244-255 registers on sm_8x, spilled with a plain absmax
+# and left both lists (README, compile matrix).
+_FORWARD_TILES = [
     (128, 128, 64, 3, 8),
-    (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4),
     (64, 64, 64, 4, 4),
     (64, 64, 32, 4, 4),
@@ -188,12 +190,17 @@ _HALF_TILES = [
     (16, 32, 64, 4, 2),
     (16, 64, 32, 4, 2),
 ]
-_FP32_TILES = [
+_GRAD_INPUT_TILES = [t for t in _FORWARD_TILES if t not in ((64, 128, 64, 4, 4), (16, 32, 64, 4, 2))]
+_FP32_FORWARD_TILES = [
     (64, 64, 32, 4, 4),
     (16, 64, 64, 4, 4),
     (16, 32, 64, 4, 2),
     (16, 32, 32, 4, 2),
 ]
+_FP32_GRAD_INPUT_TILES = _FP32_FORWARD_TILES[1:]
+# K % blocksize != 0: the flat-index decoder holds an index, a byte and an absmax per decoded element; decoded
+# tiles [BN, BK] of at most 2048 elements (64 x 64 spilled on every arch)
+_RAGGED_MAX_TILE = 2048
 
 
 def _gemm_configs():
@@ -201,24 +208,30 @@ def _gemm_configs():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=4, num_stages=1)
                 for bk in (64, 32)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-            for bm, bn, bk, s, w in dict.fromkeys(_HALF_TILES + _FP32_TILES)]
+            for bm, bn, bk, s, w in dict.fromkeys(_FORWARD_TILES + _FP32_FORWARD_TILES)]
 
 
-def nf4_configs_for(configs, blocksize: int, arch: int | None, dtype=torch.float16, transposed=False):
+def nf4_configs_for(configs, blocksize: int, arch: int | None, dtype=torch.float16, transposed=False,
+                    ragged=False):
     """The configs a launch may use: BLOCK_K <= blocksize; on a GPU of compute capability `arch` the tiles of
-    `dtype`'s list whose shared memory fits, estimated as num_stages copies of the pipelined input tile and
-    packed bytes plus two of the decoded tile (compile_check.py measures the real figure). In the
-    interpreter (arch None) the single largest BLOCK_K that fits."""
+    the kernel's and dtype's list (decoded tiles of at most 2048 elements for a ragged K) whose shared memory fits, estimated
+    as num_stages copies of the pipelined input tile and packed bytes plus two of the decoded tile
+    (compile_check.py measures the real figure). In the interpreter (arch None) the single largest BLOCK_K
+    that fits."""
     kept = [c for c in configs if c.kwargs["BLOCK_K"] <= blocksize]
     if arch is None:
         return kept[:1]
-    tiles = {t[:3] + (t[4],) for t in (_FP32_TILES if dtype == torch.float32 else _HALF_TILES)}
+    if dtype == torch.float32:
+        tiles = _FP32_GRAD_INPUT_TILES if transposed else _FP32_FORWARD_TILES
+    else:
+        tiles = _GRAD_INPUT_TILES if transposed else _FORWARD_TILES
+    tiles = {t[:3] + (t[4],) for t in tiles}
     limit = SMEM_LIMIT.get(arch, min(SMEM_LIMIT.values()))
     size = torch.empty((), dtype=dtype).element_size()
     out = []
     for c in kept:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        if (bm, bn, bk, c.num_warps) not in tiles:
+        if (bm, bn, bk, c.num_warps) not in tiles or (ragged and bn * bk > _RAGGED_MAX_TILE):
             continue
         inputs = bm * (bn if transposed else bk) * size  # dy [BM, BN] or x [BM, BK]
         if c.num_stages * (inputs + bn * bk // 2) + 2 * bn * bk * size <= limit:
@@ -231,7 +244,8 @@ def _prune(configs, named_args, **kwargs):
         return nf4_configs_for(configs, kwargs["BLOCKSIZE"], None)
     out = named_args["out_ptr"]
     major, minor = torch.cuda.get_device_capability(out.device)
-    return nf4_configs_for(configs, kwargs["BLOCKSIZE"], 10 * major + minor, out.dtype, "dy_ptr" in named_args)
+    return nf4_configs_for(configs, kwargs["BLOCKSIZE"], 10 * major + minor, out.dtype, "dy_ptr" in named_args,
+                           not kwargs["ROW_ALIGNED"])
 
 
 _KEY = ["M_BUCKET", "N", "K", "BLOCKSIZE", "DOUBLE_QUANT", "ROW_ALIGNED", "DOT", "W_ROUND", "OFFSETS_64"]
@@ -307,12 +321,12 @@ def _nf4_dequantize_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # out [N, K] fp32 = the tiles _dequant_tile gives the GEMMs
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # a test kernel: int64 always
     k0 = tl.program_id(1) * BLOCK_K
     rk = k0 + tl.arange(0, BLOCK_K)
     w = _dequant_tile(w_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, code8_ptr, rn, k0, N, K,
                       BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, ROW_ALIGNED)
-    tl.store(out_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :], w, mask=(rn < N)[:, None] & (rk < K)[None, :])
+    tl.store(out_ptr + rn[:, None] * K + rk[None, :], w, mask=(rn < N)[:, None] & (rk < K)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,7 +384,7 @@ def _gemm_launch(x2, weight, state, shape, blocksize, bias, out, transposed=Fals
     M = x2.shape[0]
     dot, w_round = _dot_mode(x2.dtype)
     consts = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=state[0].dtype == torch.uint8, ROW_ALIGNED=K % blocksize == 0,
-                  DOT=dot, W_ROUND=w_round, OFFSETS_64=_needs_int64_offsets(x2, out, weight),
+                  DOT=dot, W_ROUND=w_round, OFFSETS_64=_needs_int64_offsets(x2, out, weight) or N * K >= 2**31,
                   LOOP_STAGES=None if K % blocksize == 0 else 1,  # ragged K: the gathers are not pipelined
                   enable_fp_fusion=False)  # no FMA in the nested absmax (module docstring)
     m_bucket = min(triton.next_power_of_2(M), 4096)  # autotune per power-of-2 bucket of M
