@@ -36,7 +36,7 @@ row-major weight cut into blocks of `blocksize` elements, codes packed two per b
 All three call one @triton.jit helper, _dequant_tile, so what the tests check is what the GEMMs multiply.
 
 Where a block starts (the ROW_ALIGNED constexpr)
-    K % blocksize == 0 (every real model: Pythia's K are multiples of 512): a row is a whole number of
+    K % blocksize == 0 (every real model: Pythia's K are multiples of 256): a row is a whole number of
         blocks, row n's codes start at byte n*K/2, and a K step of BLOCK_K <= blocksize columns (the
         autotuner prunes larger ones) lies inside one block per row: one absmax per row per step, and the
         bytes load as a contiguous [BN, BK/2] tile.
@@ -45,7 +45,7 @@ Where a block starts (the ROW_ALIGNED constexpr)
         loads byte e/2, picks nibble 1 - e%2 and absmax[e / blocksize]: gathers, slower, exact. Same results
         as the reference on every shape it takes (tests/test_nf4_kernels.py: K = 130, 67). Its K loop is not
         software-pipelined (LOOP_STAGES = 1): pipelining would stage every gathered [BN, BK] tile (bytes,
-        codes, absmax) in shared memory, 330-460 KB per program in the compile matrix.
+        codes, absmax) in shared memory, more than any GPU has per block, and its tiles are smaller.
 
 Numbers: the decode is exact (CODE[q] * absmax in fp32, one IEEE multiply; the nested absmax CODE8[q8] *
 nested + offset, a multiply and an add, kept apart: the launch sets enable_fp_fusion=False, so no FMA
@@ -59,12 +59,13 @@ The interpreter keeps bf16 as raw uint16 bits (a bf16 tl.dot multiplies bit patt
 truncates), so there the bf16 weight tile is rounded by integer arithmetic on its fp32 bits (_round_to_bf16),
 the dot runs in fp32 and torch rounds the fp32 output to bf16, as triton_int8_linear does.
 
-Why no separate GEMV for M <= 16. bitsandbytes has one (kgemm_4bit_inference) because its 4-bit path otherwise
-dequantizes W to memory first; here the GEMM never does, so with BLOCK_M = 16 (the decode configs) it already
-reads each packed byte once per call (one M tile) and the 16-row MMA costs nothing next to the weight bytes.
-What a GEMV could still win is parallelism when N / BLOCK_N tiles are fewer than the SMs (split-K); the small
-BLOCK_N decode configs (16 x 32, 16 x 64) give 64-768 programs at Pythia widths instead. Whether a split-K
-GEMV beats them is a measurement (benchmarks on a GPU), not something to build blind.
+Why no separate GEMV for M <= 16. bitsandbytes has one (functional.gemv_4bit, for one-token inputs) because its
+other 4-bit path dequantizes W to memory first; this GEMM never does, so with BLOCK_M = 16 (the decode configs)
+it already reads each packed byte once per call (one M tile), and the mostly idle 16-row MMA costs nothing next
+to the weight bytes. What a GEMV could still win is parallelism: the smallest decode tiles (BLOCK_N = 32) give
+N / 32 programs, 768 for GPT-NeoX-20B's 24576 outputs but 16 for Pythia-70m's 512, fewer than a GPU's SMs, where
+a split-K kernel would keep more of them busy. Whether it beats these tiles is a measurement (a GPU run of
+benchmarks/), not something to build blind; nothing here is more than one M tile for M <= 16.
 
 The code books are read from 16 (and 256) fp32 values in global memory: one gathered load per element, served
 from L1 (64 bytes). A select tree of constants would trade those loads for ~15 ALU ops per element; which is
@@ -177,8 +178,7 @@ def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 # output tile along K; its decoded tile is an MMA B operand in row-major order (a transposing shared-memory
 # round trip on mma.sync), and the tiles that spilled there are left out of its list. fp32 inputs have lists
 # of their own: tf32x3 splits both operands in two. Every tile kept compiled spill-free for sm_80/89/90 in
-# both absmax formats; 128 x 64 x 64 on 4 warps, at 244-255 registers on sm_8x, spilled with a plain absmax
-# and left both lists (README, compile matrix).
+# both absmax formats; what spilled and left the lists: README, "The NF4 kernels" under the GPU section.
 _FORWARD_TILES = [
     (128, 128, 64, 3, 8),
     (64, 128, 64, 4, 4),
@@ -198,8 +198,8 @@ _FP32_FORWARD_TILES = [
     (16, 32, 32, 4, 2),
 ]
 _FP32_GRAD_INPUT_TILES = _FP32_FORWARD_TILES[1:]
-# K % blocksize != 0: the flat-index decoder holds an index, a byte and an absmax per decoded element; decoded
-# tiles [BN, BK] of at most 2048 elements (64 x 64 spilled on every arch)
+# K % blocksize != 0: the flat-index decoder holds an index, a byte and an absmax per decoded element, so its
+# decoded tiles [BN, BK] are kept to 2048 elements (larger ones spilled)
 _RAGGED_MAX_TILE = 2048
 
 
