@@ -6,7 +6,7 @@ memory, run its K loop's product on tensor cores in the compute dtype (f16 / bf1
 tf32x3; wgmma on sm_90 with BLOCK_M >= 64), load with cp.async and contain no fp32 FMA (the nested absmax must
 be rounded as the reference rounds it): minirlhf/kernels/compile_check.py.
 
-    python -m pytest tests/test_nf4_compile.py                        # the CI subset, 11 builds
+    python -m pytest tests/test_nf4_compile.py                        # the CI subset, 13 builds
     python benchmarks/compile_matrix.py --family nf4                  # every NF4 build
 """
 from test_int8_compile import run_matrix

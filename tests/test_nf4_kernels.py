@@ -101,18 +101,19 @@ def test_nf4linear_runs_on_triton_forward_and_backward(monkeypatch):
         assert rel_err(results["triton"][1], results["torch"][1]) <= 1e-5
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 4.9e-4), (torch.bfloat16, 3.9e-3)])
 def test_half_precision_compute_matches_pytorch(monkeypatch, dtype, tol):
-    # fp16 / bf16 compute: the same rounded weights, fp32 accumulation in both; the outputs differ by the
-    # summation order and the final rounding (bf16: 8 bits, ~4e-3 per element)
+    # compute_dtype fp16 / bf16: the same rounded weights and fp32 accumulation on both paths, so they may differ
+    # by the summation order and the output's final rounding: at most the dtype's unit roundoff (bound)
     torch.manual_seed(0)
     layer = NF4Linear.from_weight(torch.randn(37, 130), torch.randn(37), compute_dtype=dtype)
     x = torch.randn(5, 130)
-    ref = F.linear(x.to(dtype).float(), layer.dequantize(dtype).float(), layer.bias.to(dtype).float())
-    monkeypatch.setenv("MINIRLHF_NF4_BACKEND", "triton")
-    y = layer(x)
-    assert y.dtype == torch.float32  # the input's dtype, computed in `dtype`
-    assert rel_err(y, ref) <= tol
+    outputs = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("MINIRLHF_NF4_BACKEND", backend)
+        outputs[backend] = layer(x)
+    assert outputs["triton"].dtype == torch.float32  # the input's dtype, computed in `dtype`
+    assert rel_err(outputs["triton"], outputs["torch"]) <= tol
 
 
 def test_bad_arguments_are_one_line_errors():
