@@ -1,6 +1,6 @@
 """Compile every Triton kernel x autotune config x dtype for sm_80 / sm_89 / sm_90, as a launch would.
 
-    python benchmarks/compile_matrix.py                      # the full matrix (one process, ~4-5 min on 2 cores)
+    python benchmarks/compile_matrix.py                      # the full matrix (one process: int8 ~4-5 min, NF4 ~10)
     python benchmarks/compile_matrix.py --arch 90 --dtype fp16 --kernel _int8_matmul_kernel
     python benchmarks/compile_matrix.py --subset ci          # what tests/test_int8_compile.py runs
     python benchmarks/compile_matrix.py --family nf4         # only the NF4 / FP4 GEMMs (nf4_matmul.py)
@@ -9,8 +9,9 @@
 
 No GPU needed: Triton compiles for CUDA targets on any Linux machine with its bundled ptxas. Prints
 one row per build (registers, spill bytes, shared memory, the int8 and outlier MMA instructions
-found) and the counts; exits 1 if any build fails a check. What is checked and how the launch's
-specialization is reproduced: minirlhf/kernels/compile_check.py.
+found; for NF4 builds the outlier column shows the K loop's float MMA) and the counts; exits 1 if any
+build fails a check. What is checked and how the launch's specialization is reproduced:
+minirlhf/kernels/compile_check.py.
 """
 import argparse
 import json

@@ -26,12 +26,16 @@ Checks per build (Build.problems):
     and the outlier product runs on tensor cores too (f16 or bf16 MMA, never FMA), and the
     operand loads are asynchronous copies (cp.async) as on a real launch;
   * no approximate fp32 division (div.approx / div.full) anywhere: scales are divided with div_rn.
+  * NF4 GEMMs (nf4_matmul.py, built by nf4_matrix from nf4_launches): the K loop's product on tensor cores in
+    the compute dtype (mma.sync m16n8k16 f16/bf16, m16n8k8 tf32 for fp32's tf32x3; wgmma on sm_90 with
+    BLOCK_M >= 64), cp.async loads when K is a whole number of blocks per row (a ragged K's loop is not
+    pipelined), and no fp32 FMA (fma.rn.f32): the nested absmax CODE8[q] * s + offset must round twice.
 
 What only a GPU can tell: whether the numbers are right on the hardware (tests/test_int8_cuda.py),
 how fast it is (benchmarks/bench_int8.py --gpu), which config the autotuner picks.
 
 Run in a process WITHOUT TRITON_INTERPRET=1 (the interpreter replaces triton.jit). The command
-is benchmarks/compile_matrix.py; tests/test_int8_compile.py runs a subset in CI.
+is benchmarks/compile_matrix.py; tests/test_int8_compile.py and tests/test_nf4_compile.py run subsets in CI.
 """
 import contextlib
 import io
@@ -79,7 +83,7 @@ class Build:
     spill_loads: int = -1
     smem: int = -1
     s8_mma: str = ""  # the int8 MMA instruction found in the PTX (GEMM only)
-    outlier_mma: str = ""  # the float MMA instruction of the outlier product (GEMM only)
+    outlier_mma: str = ""  # the float MMA found: the int8 GEMM's outlier product, or an NF4 GEMM's K loop
     error: str = ""
     problems: list = field(default_factory=list)
 
@@ -142,8 +146,9 @@ def nf4_launches(dtype, M, K, N, double_quant=True, blocksize=NF4_BLOCKSIZE):
 
 def nf4_matrix(archs=ARCHS, dtypes=tuple(DTYPES), kernels=NF4_KERNELS, configs=None, variants=tuple(NF4_VARIANTS),
                on_build=None):
-    """Check the NF4 GEMM builds: every config that survives pruning in the double-quant variant, the largest
-    one in the others (NF4_VARIANTS); configs: labels "BMxBNxBK" to keep. Returns [Build]."""
+    """Check the NF4 GEMM builds (nf4_matmul.py): every config that survives pruning in the variants of
+    NF4_EVERY_CONFIG, the largest one in the others (NF4_VARIANTS); configs: labels "BMxBNxBK" to keep.
+    Returns [Build]."""
     from minirlhf.kernels.nf4_matmul import nf4_configs_for
 
     builds = []
@@ -277,7 +282,7 @@ def check_build(kernel, args, kwargs, arch, dtype_name):
     if name in NF4_KERNELS:
         operand = {"fp16": "f16", "bf16": "bf16", "fp32": "tf32"}[dtype_name]  # fp32: tf32x3
         found = _float_mma(operand).search(ptx)
-        b.outlier_mma = found.group(0) if found else ""  # the column's name is int8's; here: the GEMM's MMA
+        b.outlier_mma = found.group(0) if found else ""
         if not found:
             b.problems.append(f"the K loop's product is not on {operand} tensor cores")
         if kwargs["ROW_ALIGNED"] and "cp.async" not in ptx:  # a ragged K's loop is not pipelined
@@ -333,7 +338,8 @@ def matrix(archs=ARCHS, dtypes=tuple(DTYPES), kernels=None, configs=None, offset
 
 
 def summary(builds):
-    """Counts for the report: builds, compiled, spill-free, with int8 MMA (GEMM), problems."""
+    """Counts for the report: builds, compiled, spill-free, with int8 MMA (GEMM), NF4 builds with their float
+    MMA, problems."""
     gemm = [b for b in builds if b.kernel == "_int8_matmul_kernel"]
     nf4 = [b for b in builds if b.kernel in NF4_KERNELS]
     return dict(

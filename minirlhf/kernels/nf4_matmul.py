@@ -214,10 +214,10 @@ def _gemm_configs():
 def nf4_configs_for(configs, blocksize: int, arch: int | None, dtype=torch.float16, transposed=False,
                     ragged=False):
     """The configs a launch may use: BLOCK_K <= blocksize; on a GPU of compute capability `arch` the tiles of
-    the kernel's and dtype's list (decoded tiles of at most 2048 elements for a ragged K) whose shared memory fits, estimated
-    as num_stages copies of the pipelined input tile and packed bytes plus two of the decoded tile
-    (compile_check.py measures the real figure). In the interpreter (arch None) the single largest BLOCK_K
-    that fits."""
+    the kernel's and dtype's list (decoded tiles of at most 2048 elements for a ragged K) whose shared memory
+    fits, estimated as num_stages copies of the pipelined input tile and packed bytes plus two of the decoded
+    tile (compile_check.py measures the real figure). In the interpreter (arch None) the single largest
+    BLOCK_K that fits."""
     kept = [c for c in configs if c.kwargs["BLOCK_K"] <= blocksize]
     if arch is None:
         return kept[:1]
