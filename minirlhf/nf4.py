@@ -11,9 +11,10 @@ and computes y = x @ dequantize(W)^T + b in compute_dtype (the input's dtype unl
 Linear4bit does: the 4-bit weight is a storage format, the matmul is a float one (kernels/nf4_reference.py
 for the format and the arithmetic of its 4.5 / 4.127 bits per weight).
 
-It is frozen: the base under LoRA. Autograd returns the input's gradient only, dL/dx = dL/dy @ W (W
+It is frozen: the base under LoRA. Autograd returns the input's gradient only, dL/dx = dL/dy @ W (on CPU W is
 dequantized again in the backward rather than kept: that transient, one layer's weight in compute_dtype plus
-the int32 codes it is gathered with, is the price of 4 bits at rest), so adapters keep training.
+the int32 codes it is gathered with, is the price of 4 bits at rest; the Triton backward decodes tiles in
+registers and has none), so adapters keep training.
 
 Backend: the Triton kernels (kernels/nf4_matmul.py: the weight dequantized tile by tile in registers, never
 whole in memory, forward and backward) for CUDA tensors, the PyTorch path above for CPU tensors;
