@@ -11,7 +11,6 @@ autotune config forced in turn; NF4Linear's forward and backward against its PyT
 comparison, also runs here on CPU in the interpreter, with a deliberately wrong kernel it must catch.
 """
 import os
-import subprocess
 import sys
 
 import pytest
@@ -22,7 +21,7 @@ from minirlhf.kernels.int8_matmul import INTERPRET
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from test_int8_cuda import PYTHIA_SHAPES, skip_reason  # noqa: E402  (same skip rule, same layer shapes)
+from test_int8_cuda import PYTHIA_SHAPES, run_without_interpreter, skip_reason  # noqa: E402  (same rule, shapes)
 from test_nf4_kernels import SHAPES, quantized, rel_err  # noqa: E402  (the interpreter tests' shapes)
 
 SKIP = skip_reason(torch.cuda.is_available(), INTERPRET)
@@ -78,10 +77,7 @@ def test_check_layer_runs_and_fails_when_it_should(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 @pytest.mark.skipif(not INTERPRET, reason="already the child process")
 def test_cuda_suite():
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", os.path.join(HERE, "test_nf4_cuda.py")],
-                          env=env, capture_output=True, text=True, timeout=3600)
-    assert proc.returncode == 0 and " passed" in proc.stdout, (proc.stdout + proc.stderr)[-6000:]
+    run_without_interpreter("test_nf4_cuda.py")
 
 
 # ---------------------------------------------------------------------------------------------
