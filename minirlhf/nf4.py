@@ -11,13 +11,21 @@ and computes y = x @ dequantize(W)^T + b in compute_dtype (the input's dtype unl
 Linear4bit does: the 4-bit weight is a storage format, the matmul is a float one (kernels/nf4_reference.py
 for the format and the arithmetic of its 4.5 / 4.127 bits per weight).
 
-It is frozen: the base under LoRA. Autograd returns the input's gradient only, dL/dx = dL/dy @ W (W
+It is frozen: the base under LoRA. Autograd returns the input's gradient only, dL/dx = dL/dy @ W (on CPU W is
 dequantized again in the backward rather than kept: that transient, one layer's weight in compute_dtype plus
-the int32 codes it is gathered with, is the price of 4 bits at rest), so adapters keep training.
+the int32 codes it is gathered with, is the price of 4 bits at rest; the Triton backward decodes tiles in
+registers and has none), so adapters keep training.
+
+Backend: the Triton kernels (kernels/nf4_matmul.py: the weight dequantized tile by tile in registers, never
+whole in memory, forward and backward) for CUDA tensors, the PyTorch path above for CPU tensors;
+MINIRLHF_NF4_BACKEND=triton|torch forces one (read on every call; with TRITON_INTERPRET=1 Triton also runs on
+CPU tensors, which is how the tests check it).
 
 .to(torch.bfloat16) casts the bias only: the uint8 tensors are not floats and _apply keeps absmax, nested_absmax
 and offset in fp32. load_state_dict refuses a float "weight": quantize with from_weight / from_linear.
 """
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -35,6 +43,14 @@ def _dequantize(weight, absmax, nested_absmax, offset, shape, blocksize, quant_t
     return R.dequantize_4bit(weight, absmax, shape, blocksize, quant_type, dtype)
 
 
+def _use_triton(x) -> bool:
+    """Triton for CUDA tensors, PyTorch for CPU ones, unless MINIRLHF_NF4_BACKEND says which."""
+    backend = os.environ.get("MINIRLHF_NF4_BACKEND", "").strip().lower()
+    if backend not in ("", "triton", "torch"):
+        raise ValueError(f"MINIRLHF_NF4_BACKEND must be 'triton' or 'torch', got {backend!r}")
+    return backend == "triton" or (backend == "" and x.is_cuda)
+
+
 class NF4LinearFunction(torch.autograd.Function):
     """y = x @ W^T + b with W dequantized in compute dtype; dL/dx = dL/dy @ W; no grad for the stored tensors."""
 
@@ -43,6 +59,12 @@ class NF4LinearFunction(torch.autograd.Function):
         shape, blocksize, quant_type, compute_dtype = meta
         ctx.meta = meta
         ctx.save_for_backward(weight, absmax, nested_absmax, offset)
+        if _use_triton(x):
+            from minirlhf.kernels.nf4_matmul import triton_nf4_linear  # triton is imported only when used
+
+            y = triton_nf4_linear(x.to(compute_dtype), weight, absmax, nested_absmax, offset, shape, blocksize,
+                                  quant_type, bias)
+            return y.to(x.dtype)
         w = _dequantize(weight, absmax, nested_absmax, offset, shape, blocksize, quant_type, compute_dtype)
         b = None if bias is None else bias.to(compute_dtype)
         return F.linear(x.to(compute_dtype), w, b).to(x.dtype)  # [..., in] @ [in, out] -> [..., out]
@@ -52,7 +74,12 @@ class NF4LinearFunction(torch.autograd.Function):
         weight, absmax, nested_absmax, offset = ctx.saved_tensors
         shape, blocksize, quant_type, compute_dtype = ctx.meta
         grad_x = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and _use_triton(grad_out):
+            from minirlhf.kernels.nf4_matmul import triton_nf4_grad_input
+
+            grad_x = triton_nf4_grad_input(grad_out.to(compute_dtype), weight, absmax, nested_absmax, offset, shape,
+                                           blocksize, quant_type).to(grad_out.dtype)
+        elif ctx.needs_input_grad[0]:
             w = _dequantize(weight, absmax, nested_absmax, offset, shape, blocksize, quant_type, compute_dtype)
             grad_x = (grad_out.to(compute_dtype) @ w).to(grad_out.dtype)  # [..., out] @ [out, in] -> [..., in]
         return grad_x, None, None, None, None, None, None

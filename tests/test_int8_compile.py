@@ -7,7 +7,7 @@ the arch's limit, int8 tensor-core MMA in the main loop, outlier product on tens
 cp.async, no approximate division): minirlhf/kernels/compile_check.py.
 
     python -m pytest tests/test_int8_compile.py                  # the CI subset (default suite)
-    python -m pytest tests/test_int8_compile.py -m compile_matrix  # every build (~4-5 min)
+    python -m pytest tests/test_int8_compile.py -m compile_matrix  # every build, NF4's too (~15 min)
 """
 import json
 import os

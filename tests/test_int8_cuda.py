@@ -85,13 +85,18 @@ def test_comparison_runs_and_fails_when_it_should(monkeypatch):
     assert not bad["ok"] and bad["codes"] and bad["rel_err"] > 5e-3
 
 
+def run_without_interpreter(test_file):
+    """Run tests/<test_file> in a child pytest with TRITON_INTERPRET=0, so its kernels compile for the GPU."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", os.path.join(HERE, test_file)],
+                          env=env, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0 and " passed" in proc.stdout, (proc.stdout + proc.stderr)[-6000:]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 @pytest.mark.skipif(not INTERPRET, reason="already the child process")
 def test_cuda_suite():
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", os.path.join(HERE, "test_int8_cuda.py")],
-                          env=env, capture_output=True, text=True, timeout=3600)
-    assert proc.returncode == 0 and " passed" in proc.stdout, (proc.stdout + proc.stderr)[-6000:]
+    run_without_interpreter("test_int8_cuda.py")
 
 
 # ---------------------------------------------------------------------------------------------

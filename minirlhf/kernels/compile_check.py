@@ -26,12 +26,16 @@ Checks per build (Build.problems):
     and the outlier product runs on tensor cores too (f16 or bf16 MMA, never FMA), and the
     operand loads are asynchronous copies (cp.async) as on a real launch;
   * no approximate fp32 division (div.approx / div.full) anywhere: scales are divided with div_rn.
+  * NF4 GEMMs (nf4_matmul.py, built by nf4_matrix from nf4_launches): the K loop's product on tensor cores in
+    the compute dtype (mma.sync m16n8k16 f16/bf16, m16n8k8 tf32 for fp32's tf32x3; wgmma on sm_90 with
+    BLOCK_M >= 64), cp.async loads when K is a whole number of blocks per row (a ragged K's loop is not
+    pipelined), and no fp32 FMA (fma.rn.f32): the nested absmax CODE8[q] * s + offset must round twice.
 
 What only a GPU can tell: whether the numbers are right on the hardware (tests/test_int8_cuda.py),
 how fast it is (benchmarks/bench_int8.py --gpu), which config the autotuner picks.
 
 Run in a process WITHOUT TRITON_INTERPRET=1 (the interpreter replaces triton.jit). The command
-is benchmarks/compile_matrix.py; tests/test_int8_compile.py runs a subset in CI.
+is benchmarks/compile_matrix.py; tests/test_int8_compile.py and tests/test_nf4_compile.py run subsets in CI.
 """
 import contextlib
 import io
@@ -56,10 +60,14 @@ _S8_WGMMA = re.compile(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.s32\.s8\.s
 _APPROX_DIV = re.compile(r"div\.(?:approx|full)(?:\.ftz)?\.f32")
 
 
+_FP32_FMA = re.compile(r"\bfma\.rn(?:\.ftz)?\.f32\b")
+
+
 def _float_mma(t):
-    """A tensor-core MMA with fp32 accumulation and operands of type t ('f16' or 'bf16')."""
-    return re.compile(rf"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.{t}\.{t}\.f32"
-                      rf"|wgmma\.mma_async\.sync\.aligned\.m64n\d+k16\.f32\.{t}\.{t}")
+    """A tensor-core MMA with fp32 accumulation and operands of type t ('f16', 'bf16', or 'tf32')."""
+    k = 8 if t == "tf32" else 16
+    return re.compile(rf"mma\.sync\.aligned\.m16n8k{k}\.row\.col\.f32\.{t}\.{t}\.f32"
+                      rf"|wgmma\.mma_async\.sync\.aligned\.m64n\d+k{k}\.f32\.{t}\.{t}")
 
 
 @dataclass
@@ -75,7 +83,7 @@ class Build:
     spill_loads: int = -1
     smem: int = -1
     s8_mma: str = ""  # the int8 MMA instruction found in the PTX (GEMM only)
-    outlier_mma: str = ""  # the float MMA instruction of the outlier product (GEMM only)
+    outlier_mma: str = ""  # the float MMA found: the int8 GEMM's outlier product, or an NF4 GEMM's K loop
     error: str = ""
     problems: list = field(default_factory=list)
 
@@ -104,6 +112,68 @@ def launches(dtype, M, K, N, threshold=6.0, bias=True):
     out = _meta(M, N, dtype=dtype)
     gemm = T._gemm_launch(x, q, row_scale, w_int8, w_scale, b, cols, count, out)
     return quant + [gemm]
+
+
+NF4_KERNELS = ("_nf4_matmul_kernel", "_nf4_matmul_t_kernel")
+NF4_BLOCKSIZE = 64
+# the NF4 variants: double-quantized or plain fp32 absmax (K % 64 == 0, int32 offsets), both built with every
+# config that survives pruning; a K that is not a whole number of blocks per row (the flat-index decoder,
+# K = 6120) and 2^19 tokens (int64 offsets), each with the largest config that survives
+NF4_VARIANTS = {"double-quant": dict(double_quant=True), "fp32-absmax": dict(double_quant=False),
+                "ragged-K": dict(double_quant=True, K=6120), "offsets-64": dict(double_quant=True, M=SHAPE_64["M"])}
+NF4_EVERY_CONFIG = ("double-quant", "fp32-absmax")
+
+
+def nf4_launches(dtype, M, K, N, double_quant=True, blocksize=NF4_BLOCKSIZE):
+    """The two GEMM launches of one NF4Linear forward + backward on CUDA (triton_nf4_linear, then
+    triton_nf4_grad_input), as (kernel, grid, args, kwargs), built by nf4_matmul's own launch code on meta tensors."""
+    from minirlhf.kernels import nf4_matmul as T
+
+    blocks = -(-(N * K) // blocksize)
+    if double_quant:
+        absmax, nested, offset = (_meta(blocks, dtype=torch.uint8), _meta(-(-blocks // 256), dtype=torch.float32),
+                                  _meta(1, dtype=torch.float32))
+    else:
+        absmax, nested, offset = _meta(blocks, dtype=torch.float32), None, None
+    state = T.launch_state(absmax, nested, offset, _meta(16, dtype=torch.float32), _meta(256, dtype=torch.float32))
+    weight = _meta((N * K + 1) // 2, 1, dtype=torch.uint8)
+    forward = T._gemm_launch(_meta(M, K, dtype=dtype), weight, state, (N, K), blocksize, _meta(N, dtype=dtype),
+                             _meta(M, N, dtype=dtype))
+    grad_input = T._gemm_launch(_meta(M, N, dtype=dtype), weight, state, (N, K), blocksize, None,
+                                _meta(M, K, dtype=dtype), transposed=True)
+    return [forward, grad_input]
+
+
+def nf4_matrix(archs=ARCHS, dtypes=tuple(DTYPES), kernels=NF4_KERNELS, configs=None, variants=tuple(NF4_VARIANTS),
+               on_build=None):
+    """Check the NF4 GEMM builds (nf4_matmul.py): every config that survives pruning in the variants of
+    NF4_EVERY_CONFIG, the largest one in the others (NF4_VARIANTS); configs: labels "BMxBNxBK" to keep.
+    Returns [Build]."""
+    from minirlhf.kernels.nf4_matmul import nf4_configs_for
+
+    builds = []
+    for variant in variants:
+        spec = dict(NF4_VARIANTS[variant])
+        double_quant = spec.pop("double_quant")
+        shape = {**SHAPE, **spec}
+        for arch in archs:
+            for dtype_name in dtypes:
+                for kernel, _grid, args, kwargs in nf4_launches(DTYPES[dtype_name], **shape, double_quant=double_quant):
+                    name = _jit_function(kernel).fn.__name__
+                    if name not in kernels:
+                        continue
+                    kept = nf4_configs_for(kernel.configs, NF4_BLOCKSIZE, arch, DTYPES[dtype_name],
+                                           transposed=name == "_nf4_matmul_t_kernel",
+                                           ragged=not kwargs["ROW_ALIGNED"])
+                    for config in kept if variant in NF4_EVERY_CONFIG else kept[:1]:
+                        kw = {**kwargs, **config.all_kwargs()}
+                        if configs and f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}" not in configs:
+                            continue
+                        b = check_build(kernel, args, kw, arch, dtype_name)
+                        builds.append(b)
+                        if on_build:
+                            on_build(b)
+    return builds
 
 
 def _jit_function(kernel):
@@ -154,10 +224,15 @@ def _config_label(kernel_name, kwargs, options):
     keys = {"_int8_matmul_kernel": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
             "_quantize_rows_kernel": ("BLOCK_M", "BLOCK_K"),
             "_outlier_columns_kernel": ("BLOCK_M", "BLOCK_K"),
-            "_compact_columns_kernel": ("BLOCK",)}[kernel_name]
+            "_compact_columns_kernel": ("BLOCK",),
+            "_nf4_matmul_kernel": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+            "_nf4_matmul_t_kernel": ("BLOCK_M", "BLOCK_N", "BLOCK_K")}[kernel_name]
     label = "x".join(str(kwargs[k]) for k in keys)
     if kernel_name == "_quantize_rows_kernel":
         label += " outliers" if kwargs["USE_OUTLIERS"] else " no-outliers"
+    if kernel_name in NF4_KERNELS:
+        label += (" double-quant" if kwargs["DOUBLE_QUANT"] else " fp32-absmax") + \
+            ("" if kwargs["ROW_ALIGNED"] else " ragged-K")
     return f"{label} w{options.get('num_warps', 4)} s{options.get('num_stages', 3)}"
 
 
@@ -204,6 +279,16 @@ def check_build(kernel, args, kwargs, arch, dtype_name):
             b.problems.append(f"outlier product not on {operand} tensor cores")
         if "cp.async" not in ptx:
             b.problems.append("no asynchronous copies (cp.async) in the main loop")
+    if name in NF4_KERNELS:
+        operand = {"fp16": "f16", "bf16": "bf16", "fp32": "tf32"}[dtype_name]  # fp32: tf32x3
+        found = _float_mma(operand).search(ptx)
+        b.outlier_mma = found.group(0) if found else ""
+        if not found:
+            b.problems.append(f"the K loop's product is not on {operand} tensor cores")
+        if kwargs["ROW_ALIGNED"] and "cp.async" not in ptx:  # a ragged K's loop is not pipelined
+            b.problems.append("no asynchronous copies (cp.async) in the main loop")
+        if _FP32_FMA.search(ptx):
+            b.problems.append("an fp32 FMA: the nested absmax must round its product and its sum apart")
     return b
 
 
@@ -253,9 +338,13 @@ def matrix(archs=ARCHS, dtypes=tuple(DTYPES), kernels=None, configs=None, offset
 
 
 def summary(builds):
-    """Counts for the report: builds, compiled, spill-free, with int8 MMA (GEMM), problems."""
+    """Counts for the report: builds, compiled, spill-free, with int8 MMA (GEMM), NF4 builds with their float
+    MMA, problems."""
     gemm = [b for b in builds if b.kernel == "_int8_matmul_kernel"]
+    nf4 = [b for b in builds if b.kernel in NF4_KERNELS]
     return dict(
+        nf4_builds=len(nf4),
+        nf4_float_mma=sum(bool(b.outlier_mma) for b in nf4),
         builds=len(builds),
         compiled=sum(not b.error for b in builds),
         spill_free=sum(b.spill_stores == 0 and b.spill_loads == 0 for b in builds),
@@ -267,5 +356,5 @@ def summary(builds):
     )
 
 
-__all__ = ["ARCHS", "DTYPES", "SHAPE", "SHAPE_64", "Build", "launches", "compile_like_launch", "check_build",
-           "matrix", "summary"]
+__all__ = ["ARCHS", "DTYPES", "SHAPE", "SHAPE_64", "NF4_KERNELS", "NF4_VARIANTS", "Build", "launches",
+           "nf4_launches", "compile_like_launch", "check_build", "matrix", "nf4_matrix", "summary"]
