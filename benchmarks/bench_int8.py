@@ -12,8 +12,13 @@ LLMs, so the mixed-precision decomposition is exercised, not skipped.
 
 CPU: ours = the PyTorch reference (torch backend). Its int8 GEMM is torch._int_mm when the CPU has
 AVX512-VNNI/AMX int8 (oneDNN), else an fp32 GEMM on the int8 codes (see kernels/reference.py); the
-header says which. bitsandbytes' CPU int8 always calls torch._int_mm, which without VNNI is a scalar
-loop. GPU: ours = the Triton kernels, fp16 activations, against fp16/bf16 F.linear and bitsandbytes.
+header names the CPU, its int8 and bf16 instructions, and which GEMM ran. bitsandbytes' CPU int8 always
+calls torch._int_mm, which without VNNI is a scalar loop. Two tables:
+  forward                 fp32 and bf16 F.linear, raw torch._int_mm on already-quantized codes (the floor
+                          for any LLM.int8() layer), ours, bitsandbytes (eval mode)
+  forward + input grad    what a frozen base under LoRA costs per layer in training: F.linear in fp32 and
+                          bf16 against Int8Linear with fp32 and bf16 activations (its backward path, from
+                          int8.backward_path, named in the row) GPU: ours = the Triton kernels, fp16 activations, against fp16/bf16 F.linear and bitsandbytes.
 Before timing a shape on the GPU, the Triton output is checked against the PyTorch reference on the
 same GPU (minirlhf.kernels.verify: codes, scales, outlier columns bit-identical, output within 1e-3);
 a shape that fails is reported and not timed, and the run exits with status 1.
