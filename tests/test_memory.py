@@ -112,8 +112,9 @@ def test_shipped_prompts_are_at_most_23_tokens():
 TENSOR_TOL, TENSOR_NOISE_MB, TOTAL_TOL = 0.25, 15.0, 0.11
 
 
-@pytest.mark.parametrize("which", ["default", "default_eval", "pythia70m"])
-def test_plan_matches_measured_peak_rss(which, tmp_path, request, runtime_mb):
+@pytest.mark.parametrize("which, quantization", [("default", "auto"), ("default_eval", "auto"), ("pythia70m", "auto"),
+                                                  ("default", "nf4"), ("pythia70m", "nf4")])
+def test_plan_matches_measured_peak_rss(which, quantization, tmp_path, request, runtime_mb):
     bound = None
     if which == "default":  # train.py's defaults (batch 32, mini-batch 8, the reward model), one step
         settings = dict(steps=1, eval_size=4)
@@ -128,11 +129,12 @@ def test_plan_matches_measured_peak_rss(which, tmp_path, request, runtime_mb):
                         mini_batch_size=4, ppo_epochs=1, eval_size=2, max_prompt_tokens=16, min_new_tokens=16,
                         max_new_tokens=16)
     settings["out"] = str(tmp_path / "run")
+    settings["quantization"] = quantization  # auto: int8; nf4: 4-bit blocks of 64 with double quantization
     measured = peak_rss_mb(settings, tmp_path)
     plan = plan_for(TrainConfig.from_flags(**settings))["totals"]["plain"]
     planned_tensors, measured_tensors = plan["tensors"] / 1e6, measured - runtime_mb
     planned = planned_tensors + runtime_mb  # the plan's total with this environment's runtime
-    print(f"{which}: tensors planned {planned_tensors:.1f} MB, measured {measured_tensors:.1f} MB (peak RSS "
+    print(f"{which} {quantization}: tensors planned {planned_tensors:.1f} MB, measured {measured_tensors:.1f} MB (peak RSS "
           f"{measured:.1f} MB less {runtime_mb:.1f} MB of runtime); totals ratio {planned / measured:.3f}")
     assert plan["total"] - plan["runtime"] == plan["tensors"] and plan["runtime"] > 0  # CPU: a runtime row
     assert abs(planned_tensors - measured_tensors) <= TENSOR_TOL * measured_tensors + TENSOR_NOISE_MB
@@ -142,18 +144,21 @@ def test_plan_matches_measured_peak_rss(which, tmp_path, request, runtime_mb):
         assert loose["tensors"] / 1e6 >= measured_tensors
 
 
-@pytest.mark.parametrize("targets, layers, dropout, parallel", [
-    (("query_key_value",), None, 0.0, True),
-    ("all-linear", None, 0.0, True),
-    (("dense",), 2, 0.1, True),
-    (("dense_h_to_4h", "dense_4h_to_h"), None, 0.0, False),
+@pytest.mark.parametrize("targets, layers, dropout, parallel, quantized", [
+    (("query_key_value",), None, 0.0, True, "int8"),
+    ("all-linear", None, 0.0, True, "int8"),
+    (("dense",), 2, 0.1, True, "int8"),
+    (("dense_h_to_4h", "dense_4h_to_h"), None, 0.0, False, "int8"),
+    (("query_key_value",), None, 0.05, True, "nf4"),  # NF4Linear keeps its stored tensors only, like Int8Linear
+    ("all-linear", None, 0.0, False, "nf4"),
 ])
-def test_activation_count_equals_what_autograd_saves(targets, layers, dropout, parallel):
+def test_activation_count_equals_what_autograd_saves(targets, layers, dropout, parallel, quantized):
     """Count the bytes autograd keeps for backward (saved_tensors_hooks, weights excluded)."""
     from minirlhf.config import NeoXConfig
     from minirlhf.int8 import Int8Linear
     from minirlhf.lora import add_lora
     from minirlhf.neox import CausalLM
+    from minirlhf.nf4 import NF4Linear
 
     config = NeoXConfig(vocab_size=320, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                         intermediate_size=256, use_parallel_residual=parallel)
@@ -161,7 +166,7 @@ def test_activation_count_equals_what_autograd_saves(targets, layers, dropout, p
     for name, module in list(model.named_modules()):
         if name.startswith("gpt_neox.layers.") and isinstance(module, torch.nn.Linear):
             parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, Int8Linear.from_linear(module))
+            setattr(model.get_submodule(parent), leaf, (Int8Linear if quantized == "int8" else NF4Linear).from_linear(module))
     add_lora(model, r=4, alpha=8, dropout=dropout, target_modules=targets, layers=layers)
     model.train()
     weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
@@ -287,6 +292,100 @@ def test_gpt_neox_20b_generating_16_at_a_time(neox20b, checkpointing):
     assert verdict(held + UPDATE_CKPT, 24e9) == "fits in 24.0 GB with 0.7 GB to spare"
     mode = "with" if checkpointing else "without"
     assert plan["checkpointing"] == checkpointing and f"({mode} gradient checkpointing, as configured)" in format_plan(plan)
+
+
+# The same run in NF4 (--quantization nf4: blocks of 64, double quantization, as QLoRA), by hand. Per block
+# linear layer of n weights: n / 2 bytes of packed codes (two a byte), n / 64 uint8 absmax codes, and fp32
+# n / (64 * 256) nested absmaxes + 1 offset; every layer of gpt-neox-20b holds a whole number of 64 * 256 blocks.
+HELD_NF4 = {
+    "4-bit weights (nf4, blocks' linear layers)": INT8_PARAMS // 2,
+    "4-bit absmax, one per 64-block": INT8_PARAMS // 64 * 1,
+    "4-bit nested absmax + offsets (fp32)": INT8_PARAMS // (64 * 256) * 4 + 4 * L * 4,  # 4 layers a block
+    "4-bit code books (fp32, shared by layers)": (16 + 256) * 4,
+    **{k: v for k, v in HELD.items() if not k.startswith("int8")},  # float parts, LoRA, AdamW, value head
+}
+# quantizing dense_h_to_4h [F, C] (kernels/nf4_reference.quantize_4bit): its fp32 copy 4 + the clamped scaled W 4
+# + bucketize's int64 indices 8 + their int64 gather through the code order 8 + the empty module's packed weight
+# 0.5 bytes per weight
+LOADING_NF4 = (4 + 4 + 8 + 8) * F * C + F * C // 2
+# one layer rebuilt by forward or backward: the packed bytes as int32 indices (F C / 2 x 4) + the fp32 values
+DEQUANT_NF4 = (2 + 4) * F * C
+UPDATE_NF4, UPDATE_NF4_CKPT = (u - 8 * F * C + DEQUANT_NF4 for u in (UPDATE, UPDATE_CKPT))  # int8's dequant: 8 B
+
+
+def test_gpt_neox_20b_nf4_plan_by_hand(neox20b):
+    """README: in NF4 the seed's run fits 24 GB as configured (all 256 rollouts sampled at once, no gradient
+    checkpointing): 19.7 GB, 4.3 GB to spare; every row against the arithmetic above."""
+    plan = plan_for(TrainConfig.from_flags(model=neox20b, **SEED_20B, quantization="nf4"))
+    rows = {r["name"]: (r["plain"], r["ckpt"]) for r in plan["rows"]}
+    kv, prefill = generation_bytes(256)
+    expected = {**{k: (v, v) for k, v in HELD_NF4.items()},
+                "quantizing the largest layer": (LOADING_NF4,) * 2,
+                "KV cache": (kv, kv), "prompt forward pass or token sampling": (prefill, prefill),
+                "4-bit fwd/bwd: one dequantized weight": (DEQUANT_NF4,) * 2,  # in generation
+                "activations kept for backward": (b * T * (BLOCK0 + (L - 1) * BLOCK) + HEAD,
+                                                  b * T * (L * C * 2 + BLOCK) + HEAD),
+                "logits at response positions": (4 * b * N * V * 4,) * 2,
+                "gradients through one block": (b * T * BLOCK,) * 2,
+                "parameter gradients (+ AdamW temporaries)": (2 * TRAINABLE * 4,) * 2}
+    assert rows == expected
+    update_rows = [r["name"] for r in plan["rows"] if r["phase"] == "update"]
+    assert update_rows.count("4-bit fwd/bwd: one dequantized weight") == 1  # ... and in the update
+    readme_mb = {"4-bit weights (nf4, blocks' linear layers)": 9_965.7, "4-bit absmax, one per 64-block": 311.4,
+                 "4-bit nested absmax + offsets (fp32)": 4.9, "4-bit code books (fp32, shared by layers)": 0.0,
+                 "quantizing the largest layer": 3_699.4, "4-bit fwd/bwd: one dequantized weight": 906.0}
+    assert {k: round(expected[k][0] / 1e6, 1) for k in readme_mb} == readme_mb
+
+    held = sum(HELD_NF4.values())
+    assert held == 11_736_123_148  # README: 11,736.1 MB held (int8: 21,395.2)
+    for key, update in (("plain", UPDATE_NF4), ("ckpt", UPDATE_NF4_CKPT)):
+        totals = plan["totals"][key]
+        assert totals["phases"] == {"loading": LOADING_NF4, "generation": kv + prefill + DEQUANT_NF4,
+                                    "update": update}
+        assert totals["peak_phase"] == "generation"
+        assert totals["total"] == held + kv + prefill + DEQUANT_NF4 == 19_713_689_356  # 19,713.7 MB
+    assert verdict(held + kv + prefill + DEQUANT_NF4, 24e9) == "fits in 24.0 GB with 4.3 GB to spare"
+    assert "nf4 blocks, bfloat16 float parts" in format_plan(plan)
+
+    # --generation-batch-size 16: the update is the peak, 15.8 GB; with gradient checkpointing, loading (15.4 GB)
+    small = plan_for(TrainConfig.from_flags(model=neox20b, **SEED_20B, quantization="nf4", generation_batch_size=16))
+    assert [small["totals"][k]["peak_phase"] for k in ("plain", "ckpt")] == ["update", "loading"]
+    assert small["totals"]["plain"]["total"] == held + UPDATE_NF4 == 15_847_717_652
+    assert small["totals"]["ckpt"]["total"] == held + LOADING_NF4 == 15_435_499_276
+
+
+# The transients the plan counts per parameter of one layer, measured: the process's peak RSS (VmHWM, reset
+# with clear_refs) less its RSS before, with glibc returning every block of 64 KB or more at once
+# (MALLOC_MMAP_THRESHOLD_), so that the peak is the live tensors'. Quantizing from an fp16 checkpoint tensor.
+TRANSIENT = ("import sys, torch\n"
+             "from minirlhf.quantize import quantize_linear\n"
+             "def status(key): return [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith(key)][0]\n"
+             "def peak(fn):\n"
+             "    base = status('VmRSS'); open('/proc/self/clear_refs', 'w').write('5'); out = fn()\n"
+             "    return out, (status('VmHWM') - base) / n\n"
+             "N, K = 4096, 2048; n = N * K\n"
+             "w = (torch.randn(N, K) * 0.02).half()\n"
+             "quantize = lambda: quantize_linear({'weight': w}, 6.0, torch.float32, 'cpu', sys.argv[1])\n"
+             "quantize()  # warm up\n"
+             "layer, load = peak(quantize)\n"
+             "dtypes = (torch.float32, torch.bfloat16) if sys.argv[1] == 'nf4' else ()\n"
+             "print(load, *(peak(lambda: layer.dequantize(d))[1] for d in dtypes))\n")
+
+
+@pytest.mark.parametrize("quantization, loading, dequant", [("nf4", 24.5, 6), ("int8", 9, None)])
+def test_loading_and_dequantization_transients_are_the_planned_bytes_per_parameter(quantization, loading, dequant):
+    """memory.py's per-parameter counts, written out here: quantizing a layer, int8 9 B (fp32 copy 4 + |W| or the
+    scaled W 4 + codes 1), nf4 24.5 B (fp32 copy 4 + clamped W 4 + int64 bucket indices 8 + their int64 gather 8
+    + the empty module's packed weight 0.5); NF4Linear's dequantization 6 B (int32 byte indices 2 + fp32 values 4).
+    Measured: 24.63, 6.06 and 8.97-9.02 (the rest is absmax and the like; within 3%)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", TRANSIENT, quantization], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    measured = [float(v) for v in out.stdout.splitlines()[-1].split()]  # loading [, dequant fp32, bf16]
+    assert abs(measured[0] - loading) <= 0.03 * loading, measured
+    if dequant:  # NF4Linear's forward and backward rebuild W in the compute dtype, fp32 or bf16
+        assert len(measured) == 3 and all(abs(m - dequant) <= 0.03 * dequant for m in measured[1:]), measured
 
 
 def cli(*args, cwd=ROOT):

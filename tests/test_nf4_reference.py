@@ -46,6 +46,8 @@ def test_quantize_and_dequantize_are_bitsandbytes(quant_type, dtype, shape, bloc
     assert torch.equal(absmax, state.absmax)
     out = R.dequantize_4bit(packed, absmax, shape, blocksize, quant_type, dtype)
     assert out.dtype == dtype and torch.equal(out, BF.dequantize_4bit(ref, state))
+    fast = R.dequantize_4bit_pairs(packed, absmax, shape, blocksize, quant_type, dtype)  # NF4Linear's CPU path
+    assert fast.dtype == dtype and fast.shape == out.shape and torch.equal(fast, out)
 
 
 @pytest.mark.parametrize("quant_type", R.QUANT_TYPES)
@@ -62,6 +64,8 @@ def test_double_quantization_against_bitsandbytes(quant_type, dtype, shape, bloc
     bnb_absmax = R.dequantize_absmax(state.absmax, state.state2.absmax, state.offset)
     assert torch.equal(bnb_absmax, BF.dequantize_blockwise(state.absmax, state.state2) + state.offset)
     assert torch.equal(R.dequantize_4bit(ref, bnb_absmax, shape, blocksize, quant_type, dtype),
+                       BF.dequantize_4bit(ref, state))
+    assert torch.equal(R.dequantize_4bit_pairs(ref, bnb_absmax, shape, blocksize, quant_type, dtype),
                        BF.dequantize_4bit(ref, state))
     # our 8-bit codes: nearest; bitsandbytes' C search differs only next to a midpoint, by one step
     code = R.dynamic_code()
