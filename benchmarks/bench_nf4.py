@@ -10,8 +10,10 @@ blocks of 64 and double quantization (QLoRA's setting) on both sides, x is stand
 (fp32, or bf16 as a bf16 run feeds it). Two timings per layer: the forward alone (no autograd), and forward +
 backward for the input only (what training a LoRA through a frozen base costs: x.requires_grad, W none). Each
 is the median wall time of several calls after warmup (bench_int8.median_ms; torch.cuda.synchronize around
-each call on a GPU). Before timing a layer, ours is checked against bitsandbytes on the same inputs (fp32:
-outputs and input gradients within 1e-5 relative, bf16 within 1e-2) and a mismatch exits with status 1.
+each call on a GPU). Ours holds bitsandbytes' own stored tensors (packed codes, uint8 absmax, nested state), and
+before timing a layer it is checked against bitsandbytes on the same inputs (fp32: outputs and input gradients
+within 1e-5 relative, bf16 within 1e-2); a mismatch is reported, not timed, and the run exits with status 1.
+--threads N also sets OMP_NUM_THREADS (bitsandbytes' CPU kernels are OpenMP loops of their own).
 
 Both 4-bit layers rebuild W in the compute dtype and call a float GEMM, forward and backward (the 4 bits are a
 storage format): the float F.linear columns are the floor, the 4-bit columns that floor plus two
@@ -26,6 +28,9 @@ import argparse
 import logging
 import os
 import sys
+
+if "--threads" in sys.argv[:-1]:  # bitsandbytes' CPU kernels run OpenMP threads of their own: bind them too,
+    os.environ["OMP_NUM_THREADS"] = sys.argv[sys.argv.index("--threads") + 1]  # before either library loads
 
 import torch
 import torch.nn as nn
@@ -72,9 +77,22 @@ def bnb_4bit(bnb, lin: nn.Linear, dtype, device):
     return m
 
 
-def ours_4bit(lin: nn.Linear, dtype, device):
-    layer = NF4Linear.from_linear(lin, blocksize=64, double_quant=True, quant_type="nf4", compute_dtype=dtype)
-    return layer.to(device=device, dtype=dtype)  # the bias in the compute dtype; the 4-bit state as stored
+def ours_4bit(theirs, dtype, device):
+    """An NF4Linear holding bitsandbytes' stored tensors exactly (its 8-bit absmax codes can differ from ours next
+    to a midpoint: tests/test_nf4_reference.py), so both compute from the same bits."""
+    qs = theirs.weight.quant_state
+    layer = NF4Linear(theirs.in_features, theirs.out_features, blocksize=64, double_quant=True, quant_type="nf4",
+                      compute_dtype=dtype, device=device, dtype=dtype)
+    layer.load_state_dict({"weight": theirs.weight.data, "absmax": qs.absmax, "nested_absmax": qs.state2.absmax,
+                           "offset": qs.offset, "bias": theirs.bias.data})
+    return layer
+
+
+def ours_alone(lin: nn.Linear, dtype, device):
+    """Without bitsandbytes (--no-bnb): quantized by ours."""
+    layer = NF4Linear.from_linear(lin.to(device), blocksize=64, double_quant=True, quant_type="nf4",
+                                  compute_dtype=dtype)
+    return layer.to(dtype=dtype)  # the bias in the compute dtype; the 4-bit state as stored
 
 
 def forward_backward(layer, x, g):
@@ -118,8 +136,8 @@ def bench(device, dtypes, layers, tokens, quick, bnb):
         for dname in dtypes:
             dtype = DTYPES[dname]
             w, b = lin.weight.detach().to(device, dtype), lin.bias.detach().to(device, dtype)
-            ours = ours_4bit(lin, dtype, device)
             theirs = None if bnb is None else bnb_4bit(bnb, lin, dtype, device)
+            ours = ours_alone(lin, dtype, device) if theirs is None else ours_4bit(theirs, dtype, device)
             for M in tokens:
                 x = torch.randn(M, K, device=device, dtype=dtype)
                 g = torch.randn(M, N, device=device, dtype=dtype)
