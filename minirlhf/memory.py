@@ -63,11 +63,11 @@ Peaks that come and go; only the largest adds to the total
                       of the log-probs scattered back: 4 copies.
       int8 backward   dL/dx = dL/dy @ W needs W dequantized: fp32 codes times scales, 8 bytes
                       per parameter of the largest layer, one layer at a time (int8.py).
-      4-bit dequant   NF4Linear's forward and backward both rebuild W (nf4.py, kernels/nf4_reference.
-                      dequantize_4bit_pairs): the packed bytes as int32 indices [n / 2] 2 + the gathered
-                      fp32 values 4 = 6 bytes per parameter of the largest layer at the peak (then fp32 4
-                      + its bf16 copy 2 while it is cast; W in the compute dtype while the matmul runs),
-                      one layer at a time; in generation as in the update.
+      4-bit dequant   NF4Linear's forward and backward both rebuild W in the compute dtype (s bytes
+                      per parameter of the largest layer) from its dequantized fp32 absmax (4 per 64
+                      weights), a chunk at a time (kernels/nf4_reference.dequantize_4bit_pairs: 12 bytes
+                      per packed byte of one chunk, CHUNK bytes), one layer at a time; in generation as
+                      in the update.
       gradients       of one block's activations while backward runs through it (~ what it
                       kept), and of the trainable parameters (4 bytes each; AdamW's foreach step
                       on a GPU makes one more parameter-sized temporary).
@@ -102,6 +102,7 @@ from .int8 import Int8Linear
 from .lora import add_lora, lora_modules, parse_targets
 from .model_tree import format_tree
 from .neox import CausalLM, SequenceClassifier, count_params
+from .kernels.nf4_reference import CHUNK
 from .nf4 import NF4Linear
 from .quantize import QUANTIZED_LINEARS, quantize_on_meta
 
@@ -113,7 +114,7 @@ MB, GB = 1e6, 1e9
 #     python -c "from minirlhf.memory import measure_runtime_mb; print(measure_runtime_mb())"
 RUNTIME_CPU_MB = 458.0
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-# The row of NF4Linear's transient: one layer's weight rebuilt (int32 byte indices + fp32 values), forward and backward.
+# The row of NF4Linear's transient: one layer's weight rebuilt in the compute dtype, forward and backward.
 DEQUANT_4BIT = "4-bit fwd/bwd: one dequantized weight"
 
 
@@ -401,7 +402,15 @@ def generation_rows(rows, z: Sizes, pb, quant: str, on_cpu: bool) -> None:
     rows.add("generation", "prompt forward pass or token sampling", f"[{B}, {P}] or 5 x [{B}, {V}] fp32",
              max(prefill, sampling))
     if quant in ("nf4", "fp4"):
-        rows.add("generation", DEQUANT_4BIT, f"[{F}, {C}] x 6 B", 6 * pb["largest_quantized"])
+        dequant_row(rows, "generation", z, pb)
+
+
+def dequant_row(rows, phase: str, z: Sizes, pb) -> None:
+    """NF4Linear's transient: the largest layer's weight in the compute dtype (s), its absmax dequantized to fp32
+    (with double quantization: 4 bytes per 64 weights), and one chunk's int32 indices + fp32 values."""
+    absmax = 4 / 64 if pb["nested"] else 0
+    rows.add(phase, DEQUANT_4BIT, f"[{z.F}, {z.C}] x {z.s + absmax:g} B + 12 x {CHUNK:,} B",
+             (z.s + absmax) * pb["largest_quantized"] + 12 * CHUNK)
 
 
 def update_rows(rows, z: Sizes, pb, cfg, config, model, device: str) -> None:
@@ -422,7 +431,7 @@ def update_rows(rows, z: Sizes, pb, cfg, config, model, device: str) -> None:
     if cfg.base.quantized() == "int8":
         rows.add("update", "int8 backward: one dequantized weight", f"[{z.F}, {C}] x 8 B", 8 * pb["largest_quantized"])
     elif cfg.base.quantized() != "none":
-        rows.add("update", DEQUANT_4BIT, f"[{z.F}, {C}] x 6 B", 6 * pb["largest_quantized"])
+        dequant_row(rows, "update", z, pb)
     temps = 2 if device == "cuda" else 1  # gradients, + AdamW's foreach temporaries on a GPU
     rows.add("update", "parameter gradients (+ AdamW temporaries)", f"{temps} x {z.trainable / 1e6:,.2f}M fp32",
              4 * temps * z.trainable)

@@ -55,8 +55,10 @@ The CPU path (dequantize_4bit_pairs): the same numbers, bit for bit, faster. deq
 unpack every code to an int32, then gather each from the 16-value code book, two passes over 4 bytes per
 weight. A byte holds two codes, so a 256-entry table of value *pairs* (pair_table: byte -> CODE[hi], CODE[lo]
 as one 8-byte word) turns that into one gather per byte, indexed by the packed bytes themselves: half the
-gathers, no int32 code array, a 2 KB table that stays in L1. Then the same in-place fp32 scaling and one
-rounding to the dtype. (Measured in benchmarks/bench_nf4.py; the README's 4-bit table.)
+gathers, a 2 KB table that stays in L1. And it runs over the weight in chunks of CHUNK bytes: a chunk's int32
+indices and fp32 values (768 KB) stay in the L2 cache while they are scaled and rounded into the output, so
+the only large tensor written is the weight in its dtype, and the transient is that weight plus 12 * CHUNK
+bytes, not 6 bytes a weight. (Measured in benchmarks/bench_nf4.py; the README's 4-bit table.)
 """
 import math
 
@@ -162,19 +164,26 @@ def pair_table(quant_type: str) -> torch.Tensor:
 
 
 _PAIR_TABLES = {quant_type: pair_table(quant_type) for quant_type in QUANT_TYPES}
+CHUNK = 1 << 16  # packed bytes per step of dequantize_4bit_pairs: 128K weights; a multiple of every blocksize / 2
 
 
 def dequantize_4bit_pairs(packed: torch.Tensor, absmax: torch.Tensor, shape, blocksize: int = 64,
                           quant_type: str = "nf4", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """dequantize_4bit's result, bit for bit, with one 8-byte gather per packed byte (pair_table) instead of an
-    int32 unpack and a gather per element: the CPU path of NF4Linear."""
+    int32 unpack and a gather per element, CHUNK bytes at a time: the CPU path of NF4Linear."""
     _check_blocksize(blocksize)
     code_4bit(quant_type)  # the one-line error for an unknown quant type
     n = math.prod(shape)
     table = _PAIR_TABLES[quant_type].to(packed.device)
-    words = table.index_select(0, packed.reshape(-1).int())  # int64 [ceil(n / 2)]: two fp32 values each
-    values = words.view(torch.float32)[:n]  # fp32 [n] (an odd n drops the padding code's value)
-    return _scale_blocks(values, absmax, blocksize).reshape(shape).to(dtype)
+    flat = packed.reshape(-1)  # uint8 [ceil(n / 2)]
+    out = torch.empty(n, dtype=dtype, device=packed.device)
+    for start in range(0, flat.numel(), CHUNK):
+        first = 2 * start  # the chunk's first weight: a block boundary, since CHUNK is a multiple of blocksize / 2
+        words = table.index_select(0, flat[start:start + CHUNK].int())  # int64 [<= CHUNK]: two fp32 values each
+        values = words.view(torch.float32)[: n - first]  # fp32 [<= 2 CHUNK] (the last drops an odd n's padding)
+        _scale_blocks(values, absmax[first // blocksize:], blocksize)
+        out[first:first + values.numel()].copy_(values)  # the one rounding to dtype
+    return out.reshape(shape)
 
 
 def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -234,5 +243,6 @@ def dequantize_absmax(codes: torch.Tensor, nested: torch.Tensor, offset: torch.T
 
 
 __all__ = ["BLOCKSIZES", "NESTED_BLOCKSIZE", "QUANT_TYPES", "NF4_CODE", "FP4_CODE", "normal_code", "code_4bit",
-           "dynamic_code", "block_absmax", "quantize_4bit", "pair_table", "dequantize_4bit_pairs", "unpack_4bit",
+           "dynamic_code", "block_absmax", "quantize_4bit", "pair_table", "CHUNK", "dequantize_4bit_pairs",
+           "unpack_4bit",
            "dequantize_4bit", "double_quantize", "dequantize_absmax"]
