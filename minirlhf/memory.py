@@ -99,10 +99,10 @@ from .checkpoint import resolve
 from .config import ConfigError, NeoXConfig
 from .embedded import DEFAULT_DIR
 from .int8 import Int8Linear
+from .kernels.nf4_reference import CHUNK
 from .lora import add_lora, lora_modules, parse_targets
 from .model_tree import format_tree
 from .neox import CausalLM, SequenceClassifier, count_params
-from .kernels.nf4_reference import CHUNK
 from .nf4 import NF4Linear
 from .quantize import QUANTIZED_LINEARS, quantize_on_meta
 
@@ -161,8 +161,8 @@ def file_bytes_per_param(raw: dict, config_file: str, n_params: int) -> int:
 # ------------------------------------------------------------------------------------------------
 
 def meta_model(config: NeoXConfig, cfg, dtype: torch.dtype):
-    """CausalLM with quantized blocks (cfg.base.quantized(): int8, nf4, fp4) and cfg's LoRA adapters, on the meta device: every
-    parameter has its real shape and dtype and no storage. Same code as train.run: load_model's
+    """CausalLM with quantized blocks (cfg.base.quantized(): int8, nf4, fp4) and cfg's LoRA adapters, on the meta
+    device: every parameter has its real shape and dtype and no storage. Same code as train.run: load_model's
     layer choice and add_lora's target rules (so a bad --lora-targets fails here the same way)."""
 
     with torch.device("meta"):
@@ -461,7 +461,8 @@ def format_plan(plan: dict) -> str:
     """The plan as an aligned text table, totals, budget and verdict."""
     st = plan["settings"]
     lines = [f"Memory plan for {plan['model'] or 'the model'} on {plan['device']}: "
-             f"{'' if plan['quantization'] == 'none' else plan['quantization'] + ' blocks, '}{plan['dtype']} float parts, "
+             f"{'' if plan['quantization'] == 'none' else plan['quantization'] + ' blocks, '}"
+             f"{plan['dtype']} float parts, "
              f"{st['params'] / 1e6:,.1f}M parameters",
              f"batch {st['batch']} (generation {st['generation_batch']}), mini-batch {st['mini_batch']}, "
              f"prompt <= {st['prompt']} + response <= {st['response']} tokens, "
