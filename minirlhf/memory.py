@@ -3,7 +3,7 @@
 `python train.py --model EleutherAI/gpt-neox-20b --plan-memory` answers before you download 40 GB:
 it reads config.json (nothing else; for a Hub id only that file is fetched), builds the model on
 PyTorch's "meta" device (shapes, no memory) with the same code that will load it, and adds up what
-the run holds. The seed's rule "about 1 GB per billion parameters in int8", done exactly.
+the run holds. The seed's rule "about 1 GB per billion parameters in int8" (half that in 4 bits), done exactly.
 
 Notation: L blocks, C hidden size, H heads, D = C / H, F MLP width, V vocabulary; s bytes per
 float of the run's dtype (fp32 4, bf16/fp16 2; train.py's --dtype auto is bf16 on a GPU, fp32 on
@@ -16,6 +16,12 @@ Held for the whole run
     int8 weights      every block's query_key_value, attention.dense, dense_h_to_4h, dense_4h_to_h:
                       L * (4C^2 + 2CF) params * 1 byte                          (int8.py)
     int8 row scales   one fp32 absmax per output row: L * (5C + F) * 4 bytes
+    or, in 4 bits (--quantization nf4|fp4, nf4.py: blocks of 64, double quantization), n = L * (4C^2 + 2CF):
+    4-bit weights     two codes per byte: n / 2 bytes
+    4-bit absmax      one per 64-block: uint8 codes n / 64 bytes, and per layer one fp32 nested absmax per
+                      256 blocks + one fp32 offset: 4 * (n / (64 * 256) + 4L) bytes (without double
+                      quantization the absmax would be fp32: 4n / 64)
+    code books        NF4's (or FP4's) 16 fp32 values and the 256-value dynamic map, shared by every layer
     float parts       embed_in [V, C] and embed_out [V, C] (once if tied), LayerNorms, biases, in s
                       bytes: checkpoint.py keeps them in floating point, as load_in_8bit does
     LoRA A, B         r * (in + out) per adapted layer, fp32 whatever the base (lora.py)
@@ -26,7 +32,11 @@ Held for the whole run
 
 Peaks that come and go; only the largest adds to the total
     loading           quantizing one layer: its fp32 copy, |W| or the scaled W, and the int8 codes,
-                      9 bytes per parameter of the largest layer [F, C]. On a CPU the checkpoint
+                      9 bytes per parameter of the largest layer [F, C]; in 4 bits (kernels/
+                      nf4_reference.quantize_4bit) the fp32 copy 4, the scaled W 4 while its clamped
+                      copy 4 is made, then the clamped W 4 + bucketize's int64 indices 8 + their int64
+                      gather through the code order 8, beside the empty module's packed weight 0.5:
+                      24.5 bytes per parameter. On a CPU the checkpoint
                       file is memory-mapped by safetensors and its pages count in RSS while loading;
                       when the file already holds the run's dtype (fp32 file, fp32 run) the float
                       tensors are views of the mapping, so it stays, with the pages the int8 layers
@@ -34,6 +44,7 @@ Peaks that come and go; only the largest adds to the total
     generation        KV cache 2 * L * [B, H, T, D] * s, plus the prompt's forward pass (one block
                       at a time, no gradients: ~(9C + 2F) * B * P values) and the sampling of each
                       token from [B, V] fp32 logits (~5 copies: softmax, cumsum, masks).
+                      4 bits: every forward dequantizes one layer at a time (below), on a GPU too.
     update            one minibatch forward + backward:
       activations     what autograd keeps for backward, per token of a block whose input needs a
                       gradient (every block from the first adapted one on), in s bytes:
@@ -55,6 +66,11 @@ Peaks that come and go; only the largest adds to the total
                       codes cast to bf16 (2 bytes per parameter of the largest layer); in fp32 with
                       int8 units, SwitchBack (the gradient quantized to int8, no copy of W); in fp32
                       elsewhere, W dequantized: fp32 codes times scales, 8 bytes per parameter.
+      4-bit dequant   On a CPU, NF4Linear's forward and backward both rebuild W in the compute dtype (s bytes
+                      per parameter of the largest layer) from its dequantized fp32 absmax (4 per 64
+                      weights), a chunk at a time (kernels/nf4_reference.dequantize_4bit_pairs: 12 bytes
+                      per packed byte of one chunk, CHUNK bytes), one layer at a time; in generation as
+                      in the update. On CUDA the Triton kernels decode tiles in registers: no such row.
       gradients       of one block's activations while backward runs through it (~ what it
                       kept), and of the trainable parameters (4 bytes each; AdamW's foreach step
                       on a GPU makes one more parameter-sized temporary).
@@ -84,14 +100,15 @@ import torch
 
 from . import cpu
 from .checkpoint import resolve
-from .cli import UsageError
 from .config import ConfigError, NeoXConfig
 from .embedded import DEFAULT_DIR
 from .int8 import Int8Linear
+from .kernels.nf4_reference import CHUNK
 from .lora import add_lora, lora_modules, parse_targets
 from .model_tree import format_tree
 from .neox import CausalLM, SequenceClassifier, count_params
-from .quantize import quantize_on_meta
+from .nf4 import NF4Linear
+from .quantize import QUANTIZED_LINEARS, quantize_on_meta
 
 MB, GB = 1e6, 1e9
 # Peak RSS (MB) of `train.py` on a model too small to matter (measure_runtime_mb below): Python,
@@ -101,6 +118,8 @@ MB, GB = 1e6, 1e9
 #     python -c "from minirlhf.memory import measure_runtime_mb; print(measure_runtime_mb())"
 RUNTIME_CPU_MB = 458.0
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# The row of NF4Linear's transient: one layer's weight rebuilt in the compute dtype, forward and backward.
+DEQUANT_4BIT = "4-bit fwd/bwd: one dequantized weight"
 
 
 class PlanError(ValueError):
@@ -146,30 +165,31 @@ def file_bytes_per_param(raw: dict, config_file: str, n_params: int) -> int:
 # ------------------------------------------------------------------------------------------------
 
 def meta_model(config: NeoXConfig, cfg, dtype: torch.dtype):
-    """CausalLM with int8 blocks (if cfg.base.quantized() is "int8") and cfg's LoRA adapters, on the meta device: every
-    parameter has its real shape and dtype and no storage. Same code as train.run: load_model's
+    """CausalLM with quantized blocks (cfg.base.quantized(): int8, nf4, fp4) and cfg's LoRA adapters, on the meta
+    device: every parameter has its real shape and dtype and no storage. Same code as train.run: load_model's
     layer choice and add_lora's target rules (so a bad --lora-targets fails here the same way)."""
 
     with torch.device("meta"):
         model = CausalLM(config).to(dtype)
-    if cfg.base.quantized() == "int8":
-        quantize_on_meta(model, dtype)
+    if cfg.base.quantized() != "none":
+        quantize_on_meta(model, dtype, cfg.base.quantized())
     add_lora(model, r=cfg.lora.lora_r, alpha=cfg.lora.lora_alpha, dropout=cfg.lora.lora_dropout,
              target_modules=parse_targets(cfg.lora.lora_targets), layers=cfg.lora.lora_layers or None)
     return model
 
 
 def _param_bytes(model) -> dict:
-    """Bytes per kind of tensor, each tensor once (a tied head is embed_in's matrix)."""
+    """Bytes per kind of tensor, each tensor once (a tied head is embed_in's matrix). "quantized" is the bytes of
+    the int8 or packed 4-bit weights, "quantized_params" the parameters they stand for (in * out each)."""
 
-    out = dict(int8=0, int8_params=0, scales=0, embeddings=0, other_float=0, lora=0, lora_params=0,
-               largest_int8=0)
+    out = dict(quantized=0, quantized_params=0, scales=0, nested=0, embeddings=0, other_float=0, lora=0,
+               lora_params=0, largest_quantized=0, blocks=0)
     embed_ids = {id(model.gpt_neox.embed_in.weight), id(model.embed_out.weight)}
+    quantized_ids = {id(m.weight) for m in model.modules() if isinstance(m, QUANTIZED_LINEARS)}
     for name, p in {id(p): (n, p) for n, p in model.named_parameters()}.values():
         nbytes = p.numel() * p.element_size()
-        if p.dtype == torch.int8:
-            out["int8"] += nbytes
-            out["int8_params"] += p.numel()
+        if id(p) in quantized_ids:
+            out["quantized"] += nbytes
         elif p.requires_grad:
             out["lora"] += nbytes
             out["lora_params"] += p.numel()
@@ -180,7 +200,14 @@ def _param_bytes(model) -> dict:
     for m in model.modules():
         if isinstance(m, Int8Linear):
             out["scales"] += m.weight_scale.numel() * 4
-            out["largest_int8"] = max(out["largest_int8"], m.weight.numel())
+        elif isinstance(m, NF4Linear):
+            held = m.nbytes()  # absmax: uint8 codes (double quantization) or fp32; nested: fp32 + the offset
+            out["scales"] += held["absmax"]
+            out["nested"] += held["nested"]
+            out["blocks"] += m.absmax.numel()
+        if isinstance(m, QUANTIZED_LINEARS):
+            out["quantized_params"] += m.in_features * m.out_features
+            out["largest_quantized"] = max(out["largest_quantized"], m.in_features * m.out_features)
     return out
 
 
@@ -295,9 +322,6 @@ def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[floa
     """The plan: rows (component, shape, bytes without / with gradient checkpointing, phase) and
     totals["plain" | "ckpt"] = held, phases, peak_phase, total, runtime (the CPU runtime row, 0 on a
     GPU) and tensors (total - runtime). file_bytes: bytes per float in the checkpoint file (0 = fp32)."""
-    if cfg.base.quantized() in ("nf4", "fp4"):
-        raise UsageError(f"--plan-memory does not count --quantization {cfg.base.quantized()} yet "
-                         "(4-bit weights, absmax and nested state); plan with int8 or none")
     device, dtype_name = target(cfg)
     model = meta_model(config, cfg, getattr(torch, dtype_name))
     pb = _param_bytes(model)
@@ -307,68 +331,94 @@ def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[floa
               B=min(max(batch, cfg.data.eval_size), cfg.sampling.generation_batch_size or batch),
               b=cfg.ppo.mini_batch_size, P=cfg.sampling.max_prompt_tokens, N=cfg.sampling.max_new_tokens,
               s=BYTES[dtype_name], fb=file_bytes or 4, trainable=pb["lora_params"] + config.hidden_size + 1)
-    int8, on_cpu = cfg.base.quantized() == "int8", device == "cpu"
+    quant, on_cpu = cfg.base.quantized(), device == "cpu"
     # same dtype in file and run, on a CPU: the float tensors are views of the memory-mapped file
     aliased = on_cpu and z.fb == z.s
     runtime = RUNTIME_CPU_MB * MB if on_cpu else 0.0  # a constant, not the run's tensors
-    n_params = pb["int8_params"] + (pb["embeddings"] + pb["other_float"]) // z.s  # what the file holds
+    n_params = pb["quantized_params"] + (pb["embeddings"] + pb["other_float"]) // z.s  # what the file holds
     rows = Rows()
     held_rows(rows, z, pb, cfg, config, dtype_name, reward, aliased, runtime)
-    loading_rows(rows, z, pb, n_params, int8, on_cpu, aliased)
-    generation_rows(rows, z, pb, int8, on_cpu)
+    loading_rows(rows, z, pb, n_params, quant, on_cpu, aliased)
+    generation_rows(rows, z, pb, quant, on_cpu)
     update_rows(rows, z, pb, cfg, config, model, device)
     return dict(model=model_name, device=device, dtype=dtype_name, rows=rows, totals=totals(rows, runtime),
                 tree=format_tree(model),  # the module tree a run prints at start, from the same meta model
-                int8=int8, checkpointing=cfg.base.gradient_checkpointing, budget=budget,
+                quantization=quant, checkpointing=cfg.base.gradient_checkpointing, budget=budget,
                 settings=dict(batch=batch, generation_batch=z.B, mini_batch=z.b, prompt=z.P, response=z.N,
                               lora_r=cfg.lora.lora_r, lora_targets=cfg.lora.lora_targets,
-                              int8_params=pb["int8_params"], params=n_params))
+                              quantized_params=pb["quantized_params"], params=n_params))
 
 
 def held_rows(rows, z: Sizes, pb, cfg, config, dtype_name, reward, aliased, runtime) -> None:
     """What the run holds from start to end: weights, adapters, optimizer state, the reward model."""
-    n_int8, int8 = pb["int8_params"], cfg.base.quantized() == "int8"
-    if int8:
-        rows.add("held", "int8 weights (blocks' linear layers)", f"{n_int8 / 1e6:,.1f}M params x 1 B", pb["int8"])
+    n_quant, quant = pb["quantized_params"], cfg.base.quantized()
+    if quant == "int8":
+        rows.add("held", "int8 weights (blocks' linear layers)", f"{n_quant / 1e6:,.1f}M params x 1 B", pb["quantized"])
         rows.add("held", "int8 row scales", f"{z.L} x (5C + F) x fp32", pb["scales"])
+    elif quant != "none":
+        four_bit_held_rows(rows, pb, quant)
     rows.add("held", f"float parts: embeddings + head ({dtype_name})",
              f"[{z.V}, {z.C}] x {1 if config.tie_word_embeddings else 2}", pb["embeddings"])
-    rows.add("held", f"float parts: norms, biases{'' if int8 else ', linear layers'} ({dtype_name})",
+    rows.add("held", f"float parts: norms, biases{', linear layers' if quant == 'none' else ''} ({dtype_name})",
              f"{(pb['other_float'] // z.s) / 1e6:,.2f}M params", pb["other_float"])
     rows.add("held", "LoRA A, B (fp32)", f"{pb['lora_params'] / 1e6:,.2f}M params, r={cfg.lora.lora_r}", pb["lora"])
     rows.add("held", "AdamW state (exp_avg, exp_avg_sq)", f"2 x {z.trainable / 1e6:,.2f}M x fp32", 8 * z.trainable)
     rows.add("held", "value head (fp32)", f"Linear({z.C}, 1)", 4 * (z.C + 1))
     if reward:
         rows.add("held", "reward model (fp32)", f"{reward[0] / 1e6:,.2f}M params", 4 * reward[0])
-    if aliased and int8:
-        # the mapping stays, and the pages the int8 layers were quantized from stay resident with it
-        rows.add("held", "checkpoint pages still mapped (CPU)", f"{n_int8 / 1e6:,.1f}M x {z.fb} B", n_int8 * z.fb)
+    if aliased and quant != "none":
+        # the mapping stays, and the pages the quantized layers were quantized from stay resident with it
+        rows.add("held", "checkpoint pages still mapped (CPU)", f"{n_quant / 1e6:,.1f}M x {z.fb} B", n_quant * z.fb)
     if runtime:
         rows.add("held", "runtime: python + torch (CPU process)", "measured, RUNTIME_CPU_MB", runtime)
 
 
-def loading_rows(rows, z: Sizes, pb, n_params: int, int8: bool, on_cpu: bool, aliased: bool) -> None:
-    """The peak while loading: the mapped file (CPU), and quantizing the largest layer."""
+def four_bit_held_rows(rows, pb, quant: str) -> None:
+    """4-bit weights (two codes a byte), their per-block absmax and the double-quantization state, the code books."""
+    n, blocks = pb["quantized_params"], pb["blocks"]
+    absmax = "1 B (uint8, double quant)" if pb["nested"] else "4 B (fp32)"
+    rows.add("held", f"4-bit weights ({quant}, blocks' linear layers)", f"{n / 1e6:,.1f}M params x 0.5 B",
+             pb["quantized"])
+    rows.add("held", "4-bit absmax, one per 64-block", f"{blocks / 1e6:,.2f}M blocks x {absmax}", pb["scales"])
+    if pb["nested"]:
+        rows.add("held", "4-bit nested absmax + offsets (fp32)", "1 per 256 blocks + 1 per layer", pb["nested"])
+    rows.add("held", "4-bit code books (fp32, shared by layers)", "[16] + dynamic map [256]", 4 * (16 + 256))
+
+
+def loading_rows(rows, z: Sizes, pb, n_params: int, quant: str, on_cpu: bool, aliased: bool) -> None:
+    """The peak while loading: the mapped file (CPU), and quantizing the largest layer (its fp32 copy is a view of
+    the mapped file when aliased: 4 bytes a parameter fewer)."""
     if on_cpu and not aliased:
         rows.add("loading", "checkpoint file, memory-mapped (CPU)", f"{n_params / 1e6:,.1f}M x {z.fb} B",
                  n_params * z.fb)
-    if int8:
-        per = 5 if aliased else 9
-        rows.add("loading", "quantizing the largest layer", f"[{z.F}, {z.C}] x {per} B", per * pb["largest_int8"])
+    if quant != "none":
+        per = (9 if quant == "int8" else 24.5) - (4 if aliased else 0)
+        rows.add("loading", "quantizing the largest layer", f"[{z.F}, {z.C}] x {per:g} B",
+                 per * pb["largest_quantized"])
 
 
-def generation_rows(rows, z: Sizes, pb, int8: bool, on_cpu: bool) -> None:
+def generation_rows(rows, z: Sizes, pb, quant: str, on_cpu: bool) -> None:
     """The peak while sampling: the KV cache of B rows, and the larger of the prompt's pass and sampling."""
     L, B, H, T, D, P, C, F, V, s = z.L, z.B, z.H, z.T, z.D, z.P, z.C, z.F, z.V, z.s
     rows.add("generation", "KV cache", f"2 x {L} x [{B}, {H}, {T}, {D}] x {s} B", 2 * L * B * H * T * D * s)
     prefill = B * P * (9 * C + 2 * F) * s
     if on_cpu:
         prefill += B * H * P * P * 4  # attention scores of the prompt
-        if int8:  # the int8 product runs as an fp32 GEMM: codes, int32 result, fp32 output, fp32 W copy
-            prefill += B * P * (5 * C + 8 * F) + 4 * pb["largest_int8"]
+        if quant == "int8":  # the int8 product runs as an fp32 GEMM: codes, int32 result, fp32 output, fp32 W copy
+            prefill += B * P * (5 * C + 8 * F) + 4 * pb["largest_quantized"]
     sampling = 5 * B * V * 4
     rows.add("generation", "prompt forward pass or token sampling", f"[{B}, {P}] or 5 x [{B}, {V}] fp32",
              max(prefill, sampling))
+    if quant in ("nf4", "fp4") and on_cpu:  # on CUDA the Triton kernels decode tiles in registers (nf4_matmul.py)
+        dequant_row(rows, "generation", z, pb)
+
+
+def dequant_row(rows, phase: str, z: Sizes, pb) -> None:
+    """NF4Linear's transient: the largest layer's weight in the compute dtype (s), its absmax dequantized to fp32
+    (with double quantization: 4 bytes per 64 weights), and one chunk's int32 indices + fp32 values."""
+    absmax = 4 / 64 if pb["nested"] else 0
+    rows.add(phase, DEQUANT_4BIT, f"[{z.F}, {z.C}] x {z.s + absmax:g} B + 12 x {CHUNK:,} B",
+             (z.s + absmax) * pb["largest_quantized"] + 12 * CHUNK)
 
 
 def update_rows(rows, z: Sizes, pb, cfg, config, model, device: str) -> None:
@@ -392,12 +442,14 @@ def update_rows(rows, z: Sizes, pb, cfg, config, model, device: str) -> None:
              b * T * max(per_block))
     if cfg.base.quantized() == "int8":  # int8.input_grad's three paths
         if s == 2:
-            rows.add("update", "int8 backward: one layer's codes in bf16", f"[{z.F}, {C}] x 2 B", 2 * pb["largest_int8"])
+            rows.add("update", "int8 backward: one layer's codes in bf16", f"[{z.F}, {C}] x 2 B", 2 * pb["largest_quantized"])
         elif device == "cuda" or cpu.FAST_INT8:
             rows.add("update", "int8 backward (SwitchBack): the gradient in int8", f"[{b}, {T}, {z.F}] x 9 B",
                      9 * b * T * z.F)
         else:
-            rows.add("update", "int8 backward: one dequantized weight", f"[{z.F}, {C}] x 8 B", 8 * pb["largest_int8"])
+            rows.add("update", "int8 backward: one dequantized weight", f"[{z.F}, {C}] x 8 B", 8 * pb["largest_quantized"])
+    elif cfg.base.quantized() != "none" and device == "cpu":  # CUDA: no dequantized weight (nf4_matmul.py)
+        dequant_row(rows, "update", z, pb)
     temps = 2 if device == "cuda" else 1  # gradients, + AdamW's foreach temporaries on a GPU
     rows.add("update", "parameter gradients (+ AdamW temporaries)", f"{temps} x {z.trainable / 1e6:,.2f}M fp32",
              4 * temps * z.trainable)
@@ -427,7 +479,8 @@ def format_plan(plan: dict) -> str:
     """The plan as an aligned text table, totals, budget and verdict."""
     st = plan["settings"]
     lines = [f"Memory plan for {plan['model'] or 'the model'} on {plan['device']}: "
-             f"{'int8 blocks, ' if plan['int8'] else ''}{plan['dtype']} float parts, "
+             f"{'' if plan['quantization'] == 'none' else plan['quantization'] + ' blocks, '}"
+             f"{plan['dtype']} float parts, "
              f"{st['params'] / 1e6:,.1f}M parameters",
              f"batch {st['batch']} (generation {st['generation_batch']}), mini-batch {st['mini_batch']}, "
              f"prompt <= {st['prompt']} + response <= {st['response']} tokens, "

@@ -40,7 +40,7 @@ def _dequantize(weight, absmax, nested_absmax, offset, shape, blocksize, quant_t
     """The layer's weight [out, in] in dtype, from its stored tensors."""
     if nested_absmax is not None:
         absmax = R.dequantize_absmax(absmax, nested_absmax, offset)
-    return R.dequantize_4bit(weight, absmax, shape, blocksize, quant_type, dtype)
+    return R.dequantize_4bit_pairs(weight, absmax, shape, blocksize, quant_type, dtype)  # = dequantize_4bit, faster
 
 
 def _use_triton(x) -> bool:

@@ -112,8 +112,9 @@ def test_shipped_prompts_are_at_most_23_tokens():
 TENSOR_TOL, TENSOR_NOISE_MB, TOTAL_TOL = 0.25, 15.0, 0.11
 
 
-@pytest.mark.parametrize("which", ["default", "default_eval", "pythia70m"])
-def test_plan_matches_measured_peak_rss(which, tmp_path, request, runtime_mb):
+@pytest.mark.parametrize("which, quantization", [("default", "auto"), ("default_eval", "auto"), ("pythia70m", "auto"),
+                                                  ("default", "nf4"), ("pythia70m", "nf4")])
+def test_plan_matches_measured_peak_rss(which, quantization, tmp_path, request, runtime_mb):
     bound = None
     if which == "default":  # train.py's defaults (batch 32, mini-batch 8, the reward model), one step
         settings = dict(steps=1, eval_size=4)
@@ -128,12 +129,13 @@ def test_plan_matches_measured_peak_rss(which, tmp_path, request, runtime_mb):
                         mini_batch_size=4, ppo_epochs=1, eval_size=2, max_prompt_tokens=16, min_new_tokens=16,
                         max_new_tokens=16)
     settings["out"] = str(tmp_path / "run")
+    settings["quantization"] = quantization  # auto: int8; nf4: 4-bit blocks of 64 with double quantization
     measured = peak_rss_mb(settings, tmp_path)
     plan = plan_for(TrainConfig.from_flags(**settings))["totals"]["plain"]
     planned_tensors, measured_tensors = plan["tensors"] / 1e6, measured - runtime_mb
     planned = planned_tensors + runtime_mb  # the plan's total with this environment's runtime
-    print(f"{which}: tensors planned {planned_tensors:.1f} MB, measured {measured_tensors:.1f} MB (peak RSS "
-          f"{measured:.1f} MB less {runtime_mb:.1f} MB of runtime); totals ratio {planned / measured:.3f}")
+    print(f"{which} {quantization}: tensors planned {planned_tensors:.1f} MB, measured {measured_tensors:.1f} MB "
+          f"(peak RSS {measured:.1f} MB less {runtime_mb:.1f} MB of runtime); totals ratio {planned / measured:.3f}")
     assert plan["total"] - plan["runtime"] == plan["tensors"] and plan["runtime"] > 0  # CPU: a runtime row
     assert abs(planned_tensors - measured_tensors) <= TENSOR_TOL * measured_tensors + TENSOR_NOISE_MB
     assert abs(planned - measured) <= TOTAL_TOL * measured, (planned, measured)
@@ -142,20 +144,23 @@ def test_plan_matches_measured_peak_rss(which, tmp_path, request, runtime_mb):
         assert loose["tensors"] / 1e6 >= measured_tensors
 
 
-@pytest.mark.parametrize("targets, layers, dropout, parallel, dtype", [
-    (("query_key_value",), None, 0.0, True, torch.float32),
-    ("all-linear", None, 0.0, True, torch.float32),
-    (("dense",), 2, 0.1, True, torch.float32),
-    (("dense_h_to_4h", "dense_4h_to_h"), None, 0.0, False, torch.float32),
-    ("all-linear", None, 0.0, True, torch.bfloat16),  # bf16 on a CPU: neox.attend's fp32 plain attention
-    (("dense",), 2, 0.1, True, torch.bfloat16),
+@pytest.mark.parametrize("targets, layers, dropout, parallel, quantized, dtype", [
+    (("query_key_value",), None, 0.0, True, "int8", torch.float32),
+    ("all-linear", None, 0.0, True, "int8", torch.float32),
+    (("dense",), 2, 0.1, True, "int8", torch.float32),
+    (("dense_h_to_4h", "dense_4h_to_h"), None, 0.0, False, "int8", torch.float32),
+    ("all-linear", None, 0.0, True, "int8", torch.bfloat16),  # bf16 on a CPU: neox.attend's fp32 plain attention
+    (("dense",), 2, 0.1, True, "int8", torch.bfloat16),
+    (("query_key_value",), None, 0.05, True, "nf4", torch.float32),  # NF4Linear keeps its stored tensors only
+    ("all-linear", None, 0.0, False, "nf4", torch.float32),
 ])
-def test_activation_count_equals_what_autograd_saves(targets, layers, dropout, parallel, dtype):
+def test_activation_count_equals_what_autograd_saves(targets, layers, dropout, parallel, quantized, dtype):
     """Count the bytes autograd keeps for backward (saved_tensors_hooks, weights excluded)."""
     from minirlhf.config import NeoXConfig
     from minirlhf.int8 import Int8Linear
     from minirlhf.lora import add_lora
     from minirlhf.neox import CausalLM
+    from minirlhf.nf4 import NF4Linear
 
     config = NeoXConfig(vocab_size=320, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                         intermediate_size=256, use_parallel_residual=parallel)
@@ -163,7 +168,8 @@ def test_activation_count_equals_what_autograd_saves(targets, layers, dropout, p
     for name, module in list(model.named_modules()):
         if name.startswith("gpt_neox.layers.") and isinstance(module, torch.nn.Linear):
             parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, Int8Linear.from_linear(module))
+            layer = Int8Linear if quantized == "int8" else NF4Linear
+            setattr(model.get_submodule(parent), leaf, layer.from_linear(module))
     model.to(dtype)
     add_lora(model, r=4, alpha=8, dropout=dropout, target_modules=targets, layers=layers)
     model.train()
@@ -293,6 +299,99 @@ def test_gpt_neox_20b_generating_16_at_a_time(neox20b, checkpointing):
     assert verdict(held + LOADING, 24e9) == "fits in 24.0 GB with 1.2 GB to spare"
     mode = "with" if checkpointing else "without"
     assert plan["checkpointing"] == checkpointing and f"({mode} gradient checkpointing, as configured)" in format_plan(plan)
+
+
+# The same run in NF4 (--quantization nf4: blocks of 64, double quantization, as QLoRA), by hand. Per block
+# linear layer of n weights: n / 2 bytes of packed codes (two a byte), n / 64 uint8 absmax codes, and fp32
+# n / (64 * 256) nested absmaxes + 1 offset; every layer of gpt-neox-20b holds a whole number of 64 * 256 blocks.
+HELD_NF4 = {
+    "4-bit weights (nf4, blocks' linear layers)": INT8_PARAMS // 2,
+    "4-bit absmax, one per 64-block": INT8_PARAMS // 64 * 1,
+    "4-bit nested absmax + offsets (fp32)": INT8_PARAMS // (64 * 256) * 4 + 4 * L * 4,  # 4 layers a block
+    "4-bit code books (fp32, shared by layers)": (16 + 256) * 4,
+    **{k: v for k, v in HELD.items() if not k.startswith("int8")},  # float parts, LoRA, AdamW, value head
+}
+# quantizing dense_h_to_4h [F, C] (kernels/nf4_reference.quantize_4bit): its fp32 copy 4 + the clamped scaled W 4
+# + bucketize's int64 indices 8 + their int64 gather through the code order 8 + the empty module's packed weight
+# 0.5 bytes per weight
+LOADING_NF4 = (4 + 4 + 8 + 8) * F * C + F * C // 2
+# On a GPU NF4Linear's Triton kernels decode the weight's tiles in registers (kernels/nf4_matmul.py): no layer is
+# rebuilt in memory, so the update is int8's less its backward's bf16 codes (2 bytes a weight of dense_h_to_4h)
+UPDATE_NF4, UPDATE_NF4_CKPT = (u - 2 * F * C for u in (UPDATE, UPDATE_CKPT))
+
+
+def test_gpt_neox_20b_nf4_plan_by_hand(neox20b):
+    """README: in NF4 the seed's run fits 24 GB as configured (all 256 rollouts sampled at once, no gradient
+    checkpointing): 18.8 GB, 5.2 GB to spare; every row against the arithmetic above."""
+    plan = plan_for(TrainConfig.from_flags(model=neox20b, **SEED_20B, quantization="nf4"))
+    rows = {r["name"]: (r["plain"], r["ckpt"]) for r in plan["rows"]}
+    kv, prefill = generation_bytes(256)
+    expected = {**{k: (v, v) for k, v in HELD_NF4.items()},
+                "quantizing the largest layer": (LOADING_NF4,) * 2,
+                "KV cache": (kv, kv), "prompt forward pass or token sampling": (prefill, prefill),
+                "activations kept for backward": (b * T * (BLOCK0 + (L - 1) * BLOCK) + HEAD,
+                                                  b * T * (L * C * 2 + BLOCK) + HEAD),
+                "logits at response positions": (2 * b * N * V * 2,) * 2,
+                "gradients through one block": (b * T * BLOCK,) * 2,
+                "parameter gradients (+ AdamW temporaries)": (2 * TRAINABLE * 4,) * 2}
+    assert rows == expected  # no dequantized-weight row: on a GPU the tiles are decoded in registers
+    readme_mb = {"4-bit weights (nf4, blocks' linear layers)": 9_965.7, "4-bit absmax, one per 64-block": 311.4,
+                 "4-bit nested absmax + offsets (fp32)": 4.9, "4-bit code books (fp32, shared by layers)": 0.0,
+                 "quantizing the largest layer": 3_699.4}
+    assert {k: round(expected[k][0] / 1e6, 1) for k in readme_mb} == readme_mb
+
+    held = sum(HELD_NF4.values())
+    assert held == 11_736_123_148  # README: 11,736.1 MB held (int8: 21,395.2)
+    for key, update in (("plain", UPDATE_NF4), ("ckpt", UPDATE_NF4_CKPT)):
+        totals = plan["totals"][key]
+        assert totals["phases"] == {"loading": LOADING_NF4, "generation": kv + prefill, "update": update}
+        assert totals["peak_phase"] == "generation"
+        assert totals["total"] == held + kv + prefill == 18_807_719_692  # 18,807.7 MB
+    assert verdict(held + kv + prefill, 24e9) == "fits in 24.0 GB with 5.2 GB to spare"
+    assert "nf4 blocks, bfloat16 float parts" in format_plan(plan)
+
+    # --generation-batch-size 16: the update (14.8 GB) falls below loading, quantizing dense_h_to_4h: 15.4 GB either way
+    small = plan_for(TrainConfig.from_flags(model=neox20b, **SEED_20B, quantization="nf4", generation_batch_size=16))
+    assert [small["totals"][k]["peak_phase"] for k in ("plain", "ckpt")] == ["loading", "loading"]
+    assert held + UPDATE_NF4 == 14_786_820_884 < held + LOADING_NF4
+    assert small["totals"]["plain"]["total"] == small["totals"]["ckpt"]["total"] == held + LOADING_NF4 == 15_435_499_276
+
+
+# The transients the plan counts per parameter of one layer, measured: the process's peak RSS (VmHWM, reset
+# with clear_refs) less its RSS before, with glibc returning every block of 64 KB or more at once
+# (MALLOC_MMAP_THRESHOLD_), so that the peak is the live tensors'. Quantizing from an fp16 checkpoint tensor.
+TRANSIENT = ("import sys, torch\n"
+             "from minirlhf.quantize import quantize_linear\n"
+             "def status(key):\n"
+             "    return [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith(key)][0]\n"
+             "def peak(fn):\n"
+             "    base = status('VmRSS'); open('/proc/self/clear_refs', 'w').write('5'); out = fn()\n"
+             "    return out, (status('VmHWM') - base) / n\n"
+             "N, K = 4096, 2048; n = N * K\n"
+             "w = (torch.randn(N, K) * 0.02).half()\n"
+             "quantize = lambda: quantize_linear({'weight': w}, 6.0, torch.float32, 'cpu', sys.argv[1])\n"
+             "quantize()  # warm up\n"
+             "layer, load = peak(quantize)\n"
+             "dtypes = (torch.float32, torch.bfloat16) if sys.argv[1] == 'nf4' else ()\n"
+             "print(load, *(peak(lambda: layer.dequantize(d))[1] for d in dtypes))\n")
+
+
+@pytest.mark.parametrize("quantization, loading, dequant", [("nf4", 24.5, (4, 2)), ("int8", 9, None)])
+def test_loading_and_dequantization_transients_are_the_planned_bytes_per_parameter(quantization, loading, dequant):
+    """memory.py's per-parameter counts, written out here: quantizing a layer, int8 9 B (fp32 copy 4 + |W| or the
+    scaled W 4 + codes 1), nf4 24.5 B (fp32 copy 4 + clamped W 4 + int64 bucket indices 8 + their int64 gather 8
+    + the empty module's packed weight 0.5); NF4Linear's dequantization: the weight in fp32 4 B or bf16 2 B, its
+    absmax dequantized to fp32 4 B per 64 weights, and 12 B for each of a chunk's 65,536 packed bytes. Measured:
+    24.62-24.64, 4.17, 2.18 and 8.97-9.06 (the rest of the loading peak is absmax and the like; within 3%)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", TRANSIENT, quantization], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    measured = [float(v) for v in out.stdout.splitlines()[-1].split()]  # loading [, dequant fp32, bf16]
+    assert abs(measured[0] - loading) <= 0.03 * loading, measured
+    if dequant:  # NF4Linear's forward and backward rebuild W in the compute dtype, fp32 or bf16
+        planned = [s + 4 / 64 + 12 * 65_536 / (4096 * 2048) for s in dequant]
+        assert len(measured) == 3 and all(abs(m - p) <= 0.03 * p for m, p in zip(measured[1:], planned)), measured
 
 
 def cli(*args, cwd=ROOT):

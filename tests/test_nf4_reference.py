@@ -44,6 +44,8 @@ def test_quantize_and_dequantize_are_bitsandbytes(quant_type, dtype, shape, bloc
     assert torch.equal(absmax, state.absmax)
     out = R.dequantize_4bit(packed, absmax, shape, blocksize, quant_type, dtype)
     assert out.dtype == dtype and torch.equal(out, BF.dequantize_4bit(ref, state))
+    fast = R.dequantize_4bit_pairs(packed, absmax, shape, blocksize, quant_type, dtype)  # NF4Linear's CPU path
+    assert fast.dtype == dtype and fast.shape == out.shape and torch.equal(fast, out)
 
 
 @pytest.mark.parametrize("quant_type", R.QUANT_TYPES)
@@ -62,6 +64,8 @@ def test_double_quantization_is_bitsandbytes(quant_type, dtype, shape, blocksize
     assert torch.equal(ours, BF.dequantize_blockwise(state.absmax, state.state2) + state.offset)
     assert torch.equal(R.dequantize_4bit(packed, ours, shape, blocksize, quant_type, dtype),
                        BF.dequantize_4bit(ref, state))
+    assert torch.equal(R.dequantize_4bit_pairs(packed, ours, shape, blocksize, quant_type, dtype),
+                       BF.dequantize_4bit(ref, state))  # the fast CPU path too
 
 
 def near_bin_edges(n, blocksize, seed=0):

@@ -53,7 +53,18 @@ Matching bitsandbytes 0.50 on CPU (backends/default/ops.py quantize_4bit; csrc/c
     code 0 (its scale is 0, so it dequantizes to the offset).
   * Dequantization is CODE[q] * absmax in fp32, rounded once to the output dtype (round to nearest even).
     A nested absmax is CODE8[q] * s + offset in fp32.
+
+The CPU path (dequantize_4bit_pairs): the same numbers, bit for bit, faster. dequantize_4bit above is the spec:
+unpack every code to an int32, then gather each from the 16-value code book, two passes over 4 bytes per
+weight. A byte holds two codes, so a 256-entry table of value *pairs* (pair_table: byte -> CODE[hi], CODE[lo]
+as one 8-byte word) turns that into one gather per byte, indexed by the packed bytes themselves: half the
+gathers, a 2 KB table that stays in L1. And it runs over the weight in chunks of CHUNK bytes: a chunk's int32
+indices and fp32 values (768 KB) stay in the L2 cache while they are scaled and rounded into the output, so
+the only large tensor written is the weight in its dtype, and the transient is that weight plus 12 * CHUNK
+bytes, not 6 bytes a weight. (Measured in benchmarks/bench_nf4.py; the README's 4-bit table.)
 """
+import math
+
 import torch
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
@@ -103,6 +114,9 @@ def dynamic_code() -> torch.Tensor:
     return torch.tensor(sorted(data), dtype=torch.float32)
 
 
+_DYNAMIC_CODE = dynamic_code()  # built once: dequantize_absmax runs in every NF4Linear forward and backward
+
+
 def _check_blocksize(blocksize: int) -> None:
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {blocksize}")
@@ -140,6 +154,39 @@ def quantize_4bit(weight: torch.Tensor, blocksize: int = 64, quant_type: str = "
     q = order[torch.bucketize(scaled, midpoints)].to(torch.uint8)  # on a midpoint: the lower code
     packed = (q[0::2] << 4) | q[1::2]  # [ceil(n / 2)]
     return packed.unsqueeze(1), absmax
+
+
+def pair_table(quant_type: str) -> torch.Tensor:
+    """int64 [256]: byte b -> the fp32 bit patterns of (CODE[b >> 4], CODE[b & 15]) side by side in one 8-byte
+    word, in memory order, so that gathering words with the packed bytes and viewing the result as fp32 gives
+    the codes' values in element order (the even element, the high nibble, first)."""
+    code = code_4bit(quant_type)
+    byte = torch.arange(256)
+    pairs = torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)  # fp32 [256, 2], contiguous
+    return pairs.view(torch.int64).reshape(256)
+
+
+_PAIR_TABLES = {quant_type: pair_table(quant_type) for quant_type in QUANT_TYPES}
+CHUNK = 1 << 16  # packed bytes per step of dequantize_4bit_pairs: 128K weights; a multiple of every blocksize / 2
+
+
+def dequantize_4bit_pairs(packed: torch.Tensor, absmax: torch.Tensor, shape, blocksize: int = 64,
+                          quant_type: str = "nf4", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """dequantize_4bit's result, bit for bit, with one 8-byte gather per packed byte (pair_table) instead of an
+    int32 unpack and a gather per element, CHUNK bytes at a time: the CPU path of NF4Linear."""
+    _check_blocksize(blocksize)
+    code_4bit(quant_type)  # the one-line error for an unknown quant type
+    n = math.prod(shape)
+    table = _PAIR_TABLES[quant_type].to(packed.device)
+    flat = packed.reshape(-1)  # uint8 [ceil(n / 2)]
+    out = torch.empty(n, dtype=dtype, device=packed.device)
+    for start in range(0, flat.numel(), CHUNK):
+        first = 2 * start  # the chunk's first weight: a block boundary, since CHUNK is a multiple of blocksize / 2
+        words = table.index_select(0, flat[start:start + CHUNK].int())  # int64 [<= CHUNK]: two fp32 values each
+        values = words.view(torch.float32)[: n - first]  # fp32 [<= 2 CHUNK] (the last drops an odd n's padding)
+        _scale_blocks(values, absmax[first // blocksize:], blocksize)
+        out[first:first + values.numel()].copy_(values)  # the one rounding to dtype
+    return out.reshape(shape)
 
 
 def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -209,10 +256,11 @@ def double_quantize(absmax: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE):
 def dequantize_absmax(codes: torch.Tensor, nested: torch.Tensor, offset: torch.Tensor,
                       blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
     """Undo double_quantize: CODE8[q] * nested absmax + offset, fp32 [blocks]."""
-    values = dynamic_code().to(codes.device)[codes.int()]
+    values = _DYNAMIC_CODE.to(codes.device).index_select(0, codes.int())  # fp32 [blocks]
     return _scale_blocks(values, nested, blocksize) + offset
 
 
 __all__ = ["BLOCKSIZES", "NESTED_BLOCKSIZE", "QUANT_TYPES", "NF4_CODE", "FP4_CODE", "normal_code", "code_4bit",
-           "dynamic_code", "block_absmax", "quantize_4bit", "unpack_4bit", "dequantize_4bit", "LUT_SIZE",
-           "lookup_table", "quantize_8bit", "double_quantize", "dequantize_absmax"]
+           "dynamic_code", "block_absmax", "quantize_4bit", "pair_table", "CHUNK", "dequantize_4bit_pairs",
+           "unpack_4bit", "dequantize_4bit", "LUT_SIZE", "lookup_table", "quantize_8bit", "double_quantize",
+           "dequantize_absmax"]
