@@ -149,8 +149,8 @@ def entropy_from_logits(logits: torch.Tensor, lse: torch.Tensor | None = None) -
     return lse - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
 
 
-# Rows of logits per chunk in token_logprobs: ~2 MB of fp32, so each chunk's passes run in the cache.
-CHUNK_BYTES = 2 ** 21
+# Rows of logits per chunk in token_logprobs: ~1 MB of fp32, so each chunk's passes run in the cache.
+CHUNK_BYTES = 2 ** 20
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0):
