@@ -16,7 +16,8 @@ Behaviour worth knowing
   * Same int8 path in train() and eval(). (bitsandbytes on CPU silently switches to
     dequantize-then-float-matmul in train mode; we don't, so what you train is what you run.)
   * Backend: Triton kernels for CUDA tensors, the PyTorch reference for CPU tensors.
-    MINIRLHF_INT8_BACKEND=triton|torch forces one (read on every call). With TRITON_INTERPRET=1
+    MINIRLHF_INT8_BACKEND=triton|torch forces one (read on every call); MINIRLHF_INT8_SWITCHBACK=0
+    turns the int8 GEMM of fp32 gradients off (input_grad's "fp32" path instead). With TRITON_INTERPRET=1
     the Triton kernels also run on CPU tensors (slowly; that is how the tests check them).
   * .to(torch.bfloat16) / .half() cast the bias like any float parameter, leave the int8 weight
     alone (not a float), and keep weight_scale in fp32: _apply restores it, because a bf16
@@ -72,6 +73,8 @@ def backward_path(grad_out: torch.Tensor) -> str:
     "fp32"        an fp32 gradient elsewhere (a CPU without VNNI): W dequantized to fp32 (4 bytes per weight)"""
     if grad_out.dtype in (torch.bfloat16, torch.float16):
         return "half"
+    if os.environ.get("MINIRLHF_INT8_SWITCHBACK", "1").strip() == "0":
+        return "fp32"  # switched off: rounding a gradient to 8 bits is not a continuous function of it
     return "switchback" if reference.int8_units(grad_out) else "fp32"
 
 

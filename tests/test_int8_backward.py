@@ -43,6 +43,8 @@ def test_paths_are_chosen_by_dtype_and_int8_units(monkeypatch, fast):
     monkeypatch.setattr(R, "CPU_FAST_INT_MM", fast)
     assert backward_path(torch.zeros(2, 2, dtype=torch.bfloat16)) == "half"
     assert backward_path(torch.zeros(2, 2)) == ("switchback" if fast else "fp32")
+    monkeypatch.setenv("MINIRLHF_INT8_SWITCHBACK", "0")
+    assert backward_path(torch.zeros(2, 2)) == "fp32" and backward_path(torch.zeros(2, dtype=torch.bfloat16)) == "half"
 
 
 def test_switchback_is_an_int8_product_of_the_scaled_gradient(monkeypatch):
