@@ -18,7 +18,7 @@ import torch
 from minirlhf.options import ShapingConfig, TrainConfig
 from minirlhf.shaping import RunningMoments, shape_scores
 from minirlhf.train import run
-from tiny import hf_model, save_tokenizer
+from tiny import run_folder_inputs
 
 trl_utils = pytest.importorskip("trl.trainer.utils")
 from trl import PPOTrainer  # noqa: E402
@@ -112,10 +112,7 @@ SMALL = dict(steps=3, batch_size=8, mini_batch_size=4, ppo_epochs=1, min_new_tok
 
 @pytest.fixture()
 def tiny(tmp_path, monkeypatch):
-    hf_model(seed=0).save_pretrained(tmp_path / "model")
-    save_tokenizer(tmp_path / "model")
-    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    (tmp_path / "toyreward.py").write_text(REWARD)
+    run_folder_inputs(tmp_path, PROMPTS, **{"toyreward.py": REWARD})
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     return tmp_path

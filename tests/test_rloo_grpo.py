@@ -19,7 +19,7 @@ from minirlhf.group_baselines import grpo_advantages, grpo_loss, rloo_advantages
 from minirlhf.options import TrainConfig
 from minirlhf.ppo import compute_rewards
 from minirlhf.train import run
-from tiny import hf_model, save_tokenizer
+from tiny import run_folder_inputs
 
 PAD = 1
 
@@ -167,12 +167,8 @@ REWARD = "def score(prompts, responses):\n    return [(sum(map(ord, r)) % 11) / 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("groups")
-    hf_model(seed=0).save_pretrained(folder / "model")
-    save_tokenizer(folder / "model")
-    (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    (folder / "toyreward.py").write_text(REWARD)  # a reward with spread: every step has a real gradient
-    return folder
+    # a reward with spread: every step has a real gradient
+    return run_folder_inputs(tmp_path_factory.mktemp("groups"), PROMPTS, **{"toyreward.py": REWARD})
 
 
 @pytest.fixture(autouse=True)
