@@ -223,7 +223,7 @@ def train_loop(cfg: TrainConfig, job: Job, progress: bool, tracker) -> None:
     metrics_path = os.path.join(job.out, "metrics.jsonl")
     config, steps = cfg.resolved(), cfg.run.steps
     bar = tqdm(range(trainer.step_count, steps), initial=trainer.step_count, total=steps,
-               desc="PPO", disable=not (progress and main), dynamic_ncols=True)
+               desc=cfg.algorithm.algorithm.upper(), disable=not (progress and main), dynamic_ncols=True)
     for step in bar:
         K = trainer.K  # --group-size: K samples of each of --batch-size / K prompts, side by side
         prompts = repeat_each(pick_prompts(job.prompts, cfg.ppo.batch_size // K, trainer), K)
