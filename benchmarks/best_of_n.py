@@ -17,6 +17,7 @@ import torch
 
 from minirlhf.checkpoint import load_model
 from minirlhf.rewards import reward_model_fn, vader_reward
+from minirlhf.options import SamplingConfig
 from minirlhf.tokenizer import load_tokenizer
 from minirlhf.train import TrainConfig, default_path, read_prompts
 from minirlhf.trainer import PPOTrainer
@@ -24,9 +25,9 @@ from minirlhf.trainer import PPOTrainer
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=TrainConfig.max_new_tokens,
+    parser.add_argument("--tokens", type=int, default=SamplingConfig.max_new_tokens,
                         help="response length (train.py's eval uses --max-new-tokens)")
-    parser.add_argument("--min-tokens", type=int, default=TrainConfig.min_new_tokens,
+    parser.add_argument("--min-tokens", type=int, default=SamplingConfig.min_new_tokens,
                         help="no end-of-text before this many tokens")
     parser.add_argument("--n", type=int, default=16, help="largest n")
     parser.add_argument("--seed", type=int, default=1)

@@ -118,10 +118,13 @@ def export_merged(run: str, out: str) -> None:
 
 
 def export_adapter(run: str, out: str) -> None:
-    """The PEFT adapter folder, with the tokenizer and the value head beside it."""
+    """The PEFT adapter folder, with the tokenizer and the value head beside it (PPO runs: rloo and grpo have
+    none)."""
     config = read_run(run)
     tokenizers = tokenizer_folder(run, base_folder(run, config))
-    sources = [os.path.join(run, "adapter", n) for n in ADAPTER_FILES] + [os.path.join(run, VALUE_HEAD_FILE)]
+    sources = [os.path.join(run, "adapter", n) for n in ADAPTER_FILES]
+    if config.get("algorithm", "ppo") == "ppo":
+        sources.append(os.path.join(run, VALUE_HEAD_FILE))
     sources += [os.path.join(tokenizers, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizers, n))]
     for src in sources:
         if not os.path.isfile(src):

@@ -26,7 +26,8 @@ Held for the whole run
                       bytes: checkpoint.py keeps them in floating point, as load_in_8bit does
     LoRA A, B         r * (in + out) per adapted layer, fp32 whatever the base (lora.py)
     AdamW state       exp_avg + exp_avg_sq: 2 * 4 bytes per trainable parameter (LoRA + value head)
-    value head        Linear(C, 1), fp32
+    value head        Linear(C, 1), fp32: PPO only (--algorithm rloo / grpo have none; their K samples per
+                      prompt are just rows of --batch-size, which every row below already counts)
     reward model      a GPT-NeoX reward model (--reward default or a folder / Hub id) in fp32
     runtime (CPU)     the interpreter, torch and the libraries a run imports, RUNTIME_CPU_MB below
 
@@ -330,7 +331,7 @@ def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[floa
               F=config.intermediate_size, V=config.vocab_size,
               B=min(max(batch, cfg.data.eval_size), cfg.sampling.generation_batch_size or batch),
               b=cfg.ppo.mini_batch_size, P=cfg.sampling.max_prompt_tokens, N=cfg.sampling.max_new_tokens,
-              s=BYTES[dtype_name], fb=file_bytes or 4, trainable=pb["lora_params"] + config.hidden_size + 1)
+              s=BYTES[dtype_name], fb=file_bytes or 4, trainable=pb["lora_params"] + value_head_params(cfg, config))
     quant, on_cpu = cfg.base.quantized(), device == "cpu"
     # same dtype in file and run, on a CPU: the float tensors are views of the memory-mapped file
     aliased = on_cpu and z.fb == z.s
@@ -349,6 +350,11 @@ def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[floa
                               quantized_params=pb["quantized_params"], params=n_params))
 
 
+def value_head_params(cfg, config) -> int:
+    """Parameters of the value head: Linear(C, 1) for PPO; rloo and grpo have no critic."""
+    return config.hidden_size + 1 if cfg.algorithm.algorithm == "ppo" else 0
+
+
 def held_rows(rows, z: Sizes, pb, cfg, config, dtype_name, reward, aliased, runtime) -> None:
     """What the run holds from start to end: weights, adapters, optimizer state, the reward model."""
     n_quant, quant = pb["quantized_params"], cfg.base.quantized()
@@ -363,7 +369,8 @@ def held_rows(rows, z: Sizes, pb, cfg, config, dtype_name, reward, aliased, runt
              f"{(pb['other_float'] // z.s) / 1e6:,.2f}M params", pb["other_float"])
     rows.add("held", "LoRA A, B (fp32)", f"{pb['lora_params'] / 1e6:,.2f}M params, r={cfg.lora.lora_r}", pb["lora"])
     rows.add("held", "AdamW state (exp_avg, exp_avg_sq)", f"2 x {z.trainable / 1e6:,.2f}M x fp32", 8 * z.trainable)
-    rows.add("held", "value head (fp32)", f"Linear({z.C}, 1)", 4 * (z.C + 1))
+    if value_head_params(cfg, config):
+        rows.add("held", "value head (fp32)", f"Linear({z.C}, 1)", 4 * value_head_params(cfg, config))
     if reward:
         rows.add("held", "reward model (fp32)", f"{reward[0] / 1e6:,.2f}M params", 4 * reward[0])
     if aliased and quant != "none":
@@ -429,7 +436,9 @@ def update_rows(rows, z: Sizes, pb, cfg, config, model, device: str) -> None:
     plain = device == "cpu" and s == 2  # neox.attend
     per_block = [saved_per_token(config, adapted[i], i > first, s, cfg.lora.lora_r, cfg.lora.lora_dropout, T, plain)
                  for i in range(L)]
-    head = b * T * (C * s + 8) + b * N * C * 4  # final LayerNorm's input; the value head's fp32 input
+    head = b * T * (C * s + 8)  # final LayerNorm's input
+    if value_head_params(cfg, config):
+        head += b * N * C * 4  # the value head's fp32 input
     kept = b * T * sum(per_block) + head
     kept_ckpt = b * T * ((L - first) * C * s + max(per_block)) + head
     rows.add("update", "activations kept for backward", f"{L - first} blocks x [{b}, {T}] (ckpt: inputs + 1 block)",

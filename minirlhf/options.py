@@ -3,7 +3,9 @@
     TrainConfig
       base      BaseConfig       the model and how its frozen base is held: --model, --int8, --dtype, ...
       lora      LoRAConfig       the adapters: --lora-r, --lora-alpha, --lora-targets, ...
-      ppo       PPOConfig        the RL algorithm: batch sizes, epochs, KL penalty, GAE, clipping, value loss
+      algorithm AlgorithmConfig  which RL algorithm: ppo (learned critic) or rloo / grpo (group baselines), K
+      ppo       PPOConfig        the shared loop: batch sizes, epochs, KL penalty, clipping; PPO's GAE, value loss
+      shaping   ShapingConfig    PPO's reward shaping (trl's score scaling / norm / clip, reward whitening)
       optim     OptimizerConfig  AdamW on the adapters and the value head: --lr, --weight-decay, --max-grad-norm
       sampling  SamplingConfig   how responses are sampled: lengths, temperature, top-k/p, rows at a time
       data      DataConfig       prompts, the reward, the before/after evaluation
@@ -26,6 +28,7 @@ from .cli import UsageError, flag
 from .quantize import QUANTIZATIONS
 from .tracking import TRACKERS, missing_package
 
+ALGORITHMS = ("ppo", "rloo", "grpo")
 KL_ESTIMATORS = ("kl", "abs", "mse", "full")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 QUANTIZATION_CHOICES = ("auto", *QUANTIZATIONS)  # auto: int8, or none with --no-int8
@@ -94,6 +97,30 @@ class LoRAConfig:
 
 
 @dataclass
+class AlgorithmConfig:
+    algorithm: str = "ppo"
+    """The RL algorithm, one of: ppo (trl's PPOTrainer: a value head, GAE), rloo (trl's RLOOTrainer: the mean
+    reward of the other samples of the same prompt as baseline), grpo (DeepSeekMath: group-normalized scores,
+    KL to the reference in the loss). rloo and grpo train no value head (group_baselines.py)."""
+    group_size: int = 0
+    """Responses sampled per prompt, K >= 0: each step takes --batch-size / K prompts, K copies each, side by side
+    in the batch. 0 = auto: 1 for ppo, 4 for rloo and grpo (which need K >= 2)."""
+
+    def validate(self) -> None:
+        _check(self.algorithm in ALGORITHMS, "algorithm", self.algorithm, "one of " + ", ".join(ALGORITHMS))
+        _check(self.group_size >= 0, "group_size", self.group_size, ">= 0")
+        if self.algorithm != "ppo" and self.group_size == 1:
+            raise UsageError(f"--group-size 1 with --algorithm {self.algorithm}: its baseline is the other samples "
+                             "of the same prompt, so it needs K >= 2")
+
+    def group(self) -> int:
+        """K, "auto" resolved: the number of responses per prompt."""
+        if self.group_size:
+            return self.group_size
+        return 1 if self.algorithm == "ppo" else 4
+
+
+@dataclass
 class PPOConfig:
     batch_size: int = 32
     """Rollouts per PPO step in all, >= 1: under torchrun each of the W processes samples --batch-size / W."""
@@ -147,6 +174,28 @@ class PPOConfig:
         if self.mini_batch_size % world:
             raise UsageError(f"--mini-batch-size {self.mini_batch_size} is not divisible by the {world} processes "
                              "torchrun started (each takes an equal share of every minibatch)")
+
+
+@dataclass
+class ShapingConfig:
+    use_score_scaling: bool = False
+    """PPO: divide each step's scores by the running std of all scores so far (trl's use_score_scaling, its
+    RunningMoments over every batch, saved in checkpoints)."""
+    use_score_norm: bool = False
+    """PPO, with --use-score-scaling: also subtract the running mean (trl's use_score_norm)."""
+    score_clip: float = 0.0
+    """PPO: clip the (scaled) scores to [-c, c], c >= 0 (trl's score_clip); 0 = off."""
+    whiten_rewards: bool = False
+    """PPO: whiten the per-token rewards (KL penalty + score) over the batch before GAE, scale only, the mean
+    kept (trl's whiten_rewards)."""
+
+    def validate(self) -> None:
+        _check(self.score_clip >= 0, "score_clip", self.score_clip, ">= 0")
+        if self.use_score_norm and not self.use_score_scaling:
+            raise UsageError("--use-score-norm needs --use-score-scaling (trl applies the norm only with the scaling)")
+
+    def active(self) -> bool:
+        return self.use_score_scaling or self.score_clip > 0 or self.whiten_rewards
 
 
 @dataclass
@@ -288,7 +337,9 @@ class RunConfig:
 SECTIONS = (
     ("base", BaseConfig, "base model and quantization"),
     ("lora", LoRAConfig, "LoRA adapters"),
+    ("algorithm", AlgorithmConfig, "RL algorithm"),
     ("ppo", PPOConfig, "PPO"),
+    ("shaping", ShapingConfig, "reward shaping (PPO only, trl's PPOConfig names)"),
     ("optim", OptimizerConfig, "optimizer"),
     ("sampling", SamplingConfig, "sampling"),
     ("data", DataConfig, "prompts, reward and evaluation"),
@@ -306,7 +357,9 @@ RESUME_MAY_DIFFER = ("steps", "save_every", "generation_batch_size", "gradient_c
 class TrainConfig:
     base: BaseConfig = field(default_factory=BaseConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    shaping: ShapingConfig = field(default_factory=ShapingConfig)
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -336,7 +389,24 @@ class TrainConfig:
                 _check(math.isfinite(value), name, value, "a finite number")
         for attr, _, _ in SECTIONS:
             getattr(self, attr).validate()
+        self.check_algorithm()
         self.device()  # the device exists here (unless planning for another machine), and the dtype suits it
+
+    def check_algorithm(self) -> None:
+        """Relations of --algorithm and --group-size to the other sections: the batch holds whole groups, and
+        rloo / grpo refuse every PPO-only flag set away from its default (they have no critic, no GAE, no
+        per-token KL reward: the flag would silently do nothing)."""
+        name, K, B = self.algorithm.algorithm, self.algorithm.group(), self.ppo.batch_size
+        if B % K:
+            raise UsageError(f"--batch-size {B} is not divisible by --group-size {K} (each prompt gets K responses)")
+        if name == "ppo":
+            return
+        defaults = {**dataclasses.asdict(PPOConfig()), **dataclasses.asdict(ShapingConfig())}
+        values = {**dataclasses.asdict(self.ppo), **dataclasses.asdict(self.shaping)}
+        for key in PPO_ONLY:
+            if values[key] != defaults[key]:
+                raise UsageError(f"{flag(key)} is a PPO flag ({PPO_ONLY[key]}), unused by --algorithm {name}: "
+                                 "drop it or use --algorithm ppo")
 
     def device(self, present: bool | None = None):
         """(torch.device, float dtype) of the run: devices.py's policy, which also checks --dtype. The device must
@@ -358,7 +428,16 @@ class TrainConfig:
     def resolved(self) -> dict:
         """flags() with --device and --dtype as this machine resolves them ("auto" -> what it chose)."""
         device, dtype = self.device()
-        return {**self.flags(), "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+        return {**self.flags(), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                "group_size": self.algorithm.group()}
+
+
+# The flags rloo and grpo have no use for, and what of PPO each one tunes.
+PPO_ONLY = {"gamma": "GAE", "lam": "GAE", "vf_coef": "the value loss", "cliprange_value": "the value loss",
+            "kl_estimator": "the per-token KL reward; rloo sums log p - log q as trl, grpo puts k3 in the loss",
+            "ratio_threshold": "trl PPOTrainer's minibatch skip", "early_stop_kl": "trl PPOTrainer's early stop",
+            "use_score_scaling": "reward shaping", "use_score_norm": "reward shaping", "score_clip": "reward shaping",
+            "whiten_rewards": "reward shaping"}
 
 
 def _check(ok: bool, name: str, value, domain: str) -> None:

@@ -426,6 +426,7 @@ def step_stats(
     query_lengths: list[int] | None = None,
     response_lengths: list[int] | None = None,
     timing: dict | None = None,
+    raw_scores: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One PPO step's statistics under trl's names, as python floats.
 
@@ -441,15 +442,18 @@ def step_stats(
         ppo/mean_non_score_reward masked mean of -kl_coef * kl over all response tokens
         ppo/mean_scores, ppo/std_scores, env/reward_mean, env/reward_std
                                   mean and unbiased std of the scores (trl logs the env/ pair from the
-                                  rewards passed to log_stats, the same scores when nothing rescales them)
+                                  rewards passed to log_stats: raw_scores when given, the scores before
+                                  reward shaping; the ppo/ pair from the shaped ones)
         ppo/<key>                 for each scalar key of ppo_loss's stats: the mean over all minibatches
         ppo/val/var_explained     1 - mean(val/error) / mean(returns/var): a ratio of the minibatch means
+                                  (when the stats have a value loss: not for rloo / grpo)
         tokens/...                lengths, when given
     plus the `timing` entries as given (the loop's time/ppo/forward_pass, time/ppo/compute_rewards,
     time/ppo/compute_advantages, time/ppo/optimize_step, time/ppo/calc_stats, time/ppo/total).
     """
     kl_per_sequence = (kls * masks).sum(dim=-1)  # [B]
     mean_kl = kl_per_sequence.mean()
+    raw_scores = scores if raw_scores is None else raw_scores
     if mean_kl.item() < -1.0:
         warnings.warn(f"KL divergence is becoming negative: {mean_kl.item():.2f} - check the generation settings.")
     stats = {
@@ -459,16 +463,17 @@ def step_stats(
         "ppo/mean_non_score_reward": masked_mean(non_score_reward, masks).item(),
         "ppo/mean_scores": scores.mean().item(),
         "ppo/std_scores": scores.std().item(),
-        "env/reward_mean": scores.mean().item(),
-        "env/reward_std": scores.std().item(),
+        "env/reward_mean": raw_scores.mean().item(),
+        "env/reward_std": raw_scores.std().item(),
     }
     # Minibatch statistics: average each scalar over every minibatch of every epoch.
     for key, value in train_stats[0].items():
         if value.dim() == 0:
             stats[f"ppo/{key}"] = torch.stack([s[key] for s in train_stats]).mean().item()
-    mean_error = torch.stack([s["val/error"] for s in train_stats]).mean()
-    mean_returns_var = torch.stack([s["returns/var"] for s in train_stats]).mean()
-    stats["ppo/val/var_explained"] = (1 - mean_error / mean_returns_var).item()
+    if "val/error" in train_stats[0]:
+        mean_error = torch.stack([s["val/error"] for s in train_stats]).mean()
+        mean_returns_var = torch.stack([s["returns/var"] for s in train_stats]).mean()
+        stats["ppo/val/var_explained"] = (1 - mean_error / mean_returns_var).item()
 
     if query_lengths is not None:
         lengths = torch.tensor(query_lengths, dtype=torch.float)

@@ -2,11 +2,12 @@
 
     runs/<name>/checkpoints/step-000050/
         adapter/                  LoRA A, B in PEFT's format
-        value_head.safetensors
+        value_head.safetensors    (PPO only)
         state.safetensors         AdamW moments, RNG states (trainer generator, length sampler, torch CPU,
                                   and CUDA when the run is on a GPU): tensors, never pickle
         trainer_state.json        step, KL controller, AdamW's scalars and param groups, the learning-rate
-                                  schedule's state (--lr-schedule), and `config`: every flag of the run,
+                                  schedule's state (--lr-schedule), the running score moments
+                                  (--use-score-scaling, shaping.py), and `config`: every flag of the run,
                                   with --device and --dtype resolved ("auto" -> what it chose)
 
 A resumed run must give the numbers the run would have given had it never stopped. Two things make that true:
@@ -72,12 +73,13 @@ def save_checkpoint(folder: str, trainer, config: dict) -> None:
     """Adapter + value head + optimizer + KL controller + RNG states + step + the run's resolved config."""
     with atomic_folder(folder) as tmp:
         save_adapter(trainer.model, os.path.join(tmp, "adapter"), base_model_name_or_path=config.get("model"))
-        save_value_head(trainer.value_head, os.path.join(tmp, VALUE_HEAD_FILE))
+        if trainer.value_head is not None:
+            save_value_head(trainer.value_head, os.path.join(tmp, VALUE_HEAD_FILE))
         tensors, opt_meta = flatten_optimizer(trainer.optimizer.state_dict())
         tensors.update(rng_states(trainer))
         save_file(tensors, os.path.join(tmp, TENSORS_FILE))
         state = {"step": trainer.step_count, "kl_ctl": trainer.kl_ctl.state_dict(), "optimizer": opt_meta,
-                 "config": config}
+                 "running_moments": trainer.running.state_dict(), "config": config}
         if trainer.scheduler is not None:  # floats and ints only: JSON
             state["lr_scheduler"] = trainer.scheduler.state_dict()
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
@@ -89,11 +91,14 @@ def load_checkpoint(folder: str, trainer) -> dict:
     with open(os.path.join(folder, STATE_FILE)) as f:
         state = json.load(f)
     load_adapter(trainer.model, os.path.join(folder, "adapter"))
-    trainer.value_head.load_state_dict(load_file(os.path.join(folder, VALUE_HEAD_FILE), device=str(trainer.device)))
+    if trainer.value_head is not None:
+        trainer.value_head.load_state_dict(load_file(os.path.join(folder, VALUE_HEAD_FILE),
+                                                     device=str(trainer.device)))
     tensors = load_file(os.path.join(folder, TENSORS_FILE))
     trainer.optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer"]))
     restore_rng_states(trainer, tensors)
     trainer.kl_ctl.load_state_dict(state["kl_ctl"])
+    trainer.running.load_state_dict(state["running_moments"])
     if trainer.scheduler is not None:
         trainer.scheduler.load_state_dict(state["lr_scheduler"])
     trainer.step_count = state["step"]

@@ -17,7 +17,7 @@
                 tensorboard/, wandb/   with --log-with: the same scalars per step, and the samples (tracking.py)
                 adapter/               the trained LoRA adapter, in PEFT's format
                 tokenizer.json         the base's tokenizer (and tokenizer_config.json), for export.py
-                value_head.safetensors
+                value_head.safetensors (PPO only: rloo and grpo have no value head)
                 checkpoints/step-N/    everything needed to resume exactly (--resume runs/<name>)
 
 Under `torchrun --nproc_per_node=W train.py ...` every process runs this same job on its share of each
@@ -223,9 +223,11 @@ def train_loop(cfg: TrainConfig, job: Job, progress: bool, tracker) -> None:
     metrics_path = os.path.join(job.out, "metrics.jsonl")
     config, steps = cfg.resolved(), cfg.run.steps
     bar = tqdm(range(trainer.step_count, steps), initial=trainer.step_count, total=steps,
-               desc="PPO", disable=not (progress and main), dynamic_ncols=True)
+               desc=cfg.algorithm.algorithm.upper(), disable=not (progress and main), dynamic_ncols=True)
     for step in bar:
-        stats, _ = trainer.step(pick_prompts(job.prompts, cfg.ppo.batch_size, trainer))  # the same batch on every rank
+        K = trainer.K  # --group-size: K samples of each of --batch-size / K prompts, side by side
+        prompts = repeat_each(pick_prompts(job.prompts, cfg.ppo.batch_size // K, trainer), K)
+        stats, _ = trainer.step(prompts)  # the same batch on every rank
         stats = {"step": step + 1, **stats}
         if cfg.data.eval_every and (step + 1) % cfg.data.eval_every == 0:
             stats.update(eval_point(cfg, job))
@@ -256,13 +258,19 @@ def pick_prompts(prompts: list[str], batch_size: int, trainer) -> list[str]:
     return [prompts[i] for i in rows.tolist()]
 
 
+def repeat_each(prompts: list[str], K: int) -> list[str]:
+    """[a, b] -> [a, a, b, b] for K = 2: each prompt's K rows adjacent, as group_baselines.py reads them."""
+    return [p for p in prompts for _ in range(K)]
+
+
 def write_artifacts(cfg: TrainConfig, job: Job, before: dict, after: dict, seconds: float, tracker) -> dict:
-    """adapter/, the tokenizer, value_head.safetensors, reward.png, samples.md and summary.json; returns the
+    """adapter/, the tokenizer, value_head.safetensors (PPO), reward.png, samples.md and summary.json; returns the
     summary."""
     metrics = read_metrics(os.path.join(job.out, "metrics.jsonl"))
     last = metrics[-5:]
     summary = {
-        "model": cfg.base.model, "reward": cfg.data.reward, "steps": cfg.run.steps,
+        "model": cfg.base.model, "reward": cfg.data.reward, "algorithm": cfg.algorithm.algorithm,
+        "group_size": cfg.algorithm.group(), "steps": cfg.run.steps,
         "before": {k: v for k, v in before.items() if k not in ("prompts", "responses", "scores")},
         "after": {k: v for k, v in after.items() if k not in ("prompts", "responses", "scores")},
         "kl_final": sum(m["objective/kl"] for m in last) / len(last) if last else math.nan,
@@ -272,7 +280,8 @@ def write_artifacts(cfg: TrainConfig, job: Job, before: dict, after: dict, secon
     }
     save_adapter(job.trainer.model, os.path.join(job.out, "adapter"), base_model_name_or_path=cfg.base.model)
     write_tokenizer(job.trainer.tokenizer, resolve(model_path(cfg)), job.out)  # python -m minirlhf.export reads it next to adapter/
-    resume.save_value_head(job.trainer.value_head, os.path.join(job.out, resume.VALUE_HEAD_FILE))
+    if job.trainer.value_head is not None:
+        resume.save_value_head(job.trainer.value_head, os.path.join(job.out, resume.VALUE_HEAD_FILE))
     plot_curve(metrics, os.path.join(job.out, "reward.png"), summary["kl_target"])
     samples = samples_markdown(before, after, list(job.judges))
     write_text(os.path.join(job.out, "samples.md"), samples)

@@ -29,6 +29,10 @@ Under torchrun (distributed.py) each process runs this same code on its share of
 `prompts` is the global batch, the rollout holds this rank's rows, and the few places that need
 the whole batch (whitening, statistics, each minibatch's loss, the gradients) go through
 distributed.py's helpers, which return their input unchanged in a single process.
+
+--algorithm rloo | grpo (group_baselines.py) keep this loop and change two things: the advantages come
+from the other samples of the same prompt (the batch holds K samples of each of B / K prompts, side by side)
+instead of GAE on a value head, and the loss is theirs; no value head is built, trained or saved.
 """
 
 import time
@@ -40,17 +44,19 @@ import torch.nn.functional as F
 from . import distributed as dist
 from .generate import generate
 from .lora import disable_adapters
-from .options import OptimizerConfig, PPOConfig, SamplingConfig
+from .group_baselines import grpo_advantages, grpo_loss, rloo_advantages, rloo_loss
+from .options import AlgorithmConfig, OptimizerConfig, PPOConfig, SamplingConfig, ShapingConfig
 from .ppo import (AdaptiveKLController, FixedKLController, LengthSampler, ValueHead, compute_advantages,
-                  compute_rewards, entropy_from_logits, logprobs_from_logits, ppo_loss, step_stats,
+                  compute_rewards, entropy_from_logits, logprobs_from_logits, masked_mean, ppo_loss, step_stats,
                   token_logprobs)
+from .shaping import RunningMoments, shape_scores
 
 
 @dataclass
 class Pass:
     """One forward pass over b sequences [b, P+N], read at the N positions that predict response tokens."""
     logprobs: torch.Tensor  # [b, N] log pi(token) at the sampling temperature, fp32
-    values: torch.Tensor  # [b, N] the value head
+    values: torch.Tensor | None  # [b, N] the value head (None: rloo / grpo have none)
     entropy: torch.Tensor  # [b, N] of pi at each position (no gradient)
     logits: torch.Tensor | None = None  # [b, N, V] log-softmaxed fp32, only for the "full" KL estimator
 
@@ -78,7 +84,7 @@ class Rollout:
     scores: torch.Tensor  # [b] from the reward function
     logprobs: torch.Tensor  # [b, N] policy log pi(token), adapters on
     ref_logprobs: torch.Tensor  # [b, N] adapters off
-    values: torch.Tensor  # [b, N] value head
+    values: torch.Tensor | None  # [b, N] value head (None for rloo / grpo)
     logits: torch.Tensor | None = None  # [b, N, V] log-softmaxed, kept only for the "full" KL estimator
     ref_logits: torch.Tensor | None = None
 
@@ -94,26 +100,31 @@ class Rollout:
 @dataclass
 class Batch:
     """The whole batch, every rank's rows in rank order, gathered once (Batch.gather): [B, N] unless noted. What
-    whitening, the update's minibatches and the logged statistics read."""
-    scores: torch.Tensor  # [B]
+    the advantages, the update's minibatches and the logged statistics read."""
+    raw_scores: torch.Tensor  # [B] from the reward function
+    scores: torch.Tensor  # [B] what the reward adds: raw_scores after PPO's reward shaping (shaping.py), if any
     logprobs: torch.Tensor  # the sampling policy's log-probs: the update's "old" log-probs
     mask: torch.Tensor  # response tokens, float
     rewards: torch.Tensor  # -beta * KL per token, + the score at each row's last token
     non_score: torch.Tensor  # the KL part alone
     kls: torch.Tensor  # the per-token KL estimate
     query_lengths: torch.Tensor  # [B]
-    values: torch.Tensor  # the value head's predictions, masked: the update's "old" values
-    advantages: torch.Tensor  # GAE, whitened
-    returns: torch.Tensor  # advantages + values, before whitening
+    values: torch.Tensor | None  # the value head's predictions: the update's "old" values (PPO)
+    ref_logprobs: torch.Tensor | None = None  # the reference's log-probs (GRPO's KL term)
+    advantages: torch.Tensor | None = None  # PPO: GAE, whitened [B, N]; rloo / grpo: one per sequence [B]
+    returns: torch.Tensor | None = None  # PPO: advantages + values, before whitening
+    rlhf_reward: torch.Tensor | None = None  # rloo: score - beta * sum_t KL_t [B]
 
     @classmethod
-    def gather(cls, r: Rollout, rewards, non_score, kls, ppo: PPOConfig) -> "Batch":
-        """This rank's rows of the rollout and its KL-shaped rewards -> the global batch, then GAE on it
-        (whitening needs every row). The single place where rows travel between ranks before the update."""
-        scores, logprobs, values, mask, rewards, non_score, kls, query_lengths = (dist.gather_rows(t) for t in (
-            r.scores, r.logprobs, r.values, r.response_mask.float(), rewards, non_score, kls, r.query_mask.sum(1)))
-        values, advantages, returns = compute_advantages(values, rewards, mask, ppo.gamma, ppo.lam)
-        return cls(scores, logprobs, mask, rewards, non_score, kls, query_lengths, values, advantages, returns)
+    def gather(cls, r: Rollout, raw_scores, scores, rewards, non_score, kls, with_ref: bool) -> "Batch":
+        """This rank's rows of the rollout and its KL-shaped rewards -> the global batch (the scores are
+        gathered already). The single place where rows travel between ranks before the update."""
+        g = dist.gather_rows
+        logprobs, mask, rewards, non_score, kls, query_lengths = (g(t) for t in (
+            r.logprobs, r.response_mask.float(), rewards, non_score, kls, r.query_mask.sum(1)))
+        values = g(r.values) if r.values is not None else None
+        ref = g(r.ref_logprobs) if with_ref else None
+        return cls(raw_scores, scores, logprobs, mask, rewards, non_score, kls, query_lengths, values, ref)
 
 
 class PPOTrainer:
@@ -124,11 +135,16 @@ class PPOTrainer:
     """
 
     def __init__(self, model, tokenizer, reward_fn, ppo: PPOConfig, optim: OptimizerConfig,
-                 sampling: SamplingConfig, seed: int = 0, device="cpu", optimizer_steps: int = 0):
+                 sampling: SamplingConfig, seed: int = 0, device="cpu", optimizer_steps: int = 0,
+                 algorithm: AlgorithmConfig | None = None, shaping: ShapingConfig | None = None):
         self.model, self.tokenizer, self.reward_fn, self.device = model, tokenizer, reward_fn, device
         self.ppo, self.optim, self.sampling = ppo, optim, sampling
-        self.value_head = ValueHead(model.config.hidden_size).to(device)
-        params = [p for p in model.parameters() if p.requires_grad] + list(self.value_head.parameters())
+        self.algorithm, self.shaping = algorithm or AlgorithmConfig(), shaping or ShapingConfig()
+        self.K = self.algorithm.group()  # samples per prompt, adjacent rows of the batch
+        # only PPO has a critic: rloo and grpo take their baseline from the other samples of the prompt
+        self.value_head = ValueHead(model.config.hidden_size).to(device) if self.algorithm.algorithm == "ppo" else None
+        head = list(self.value_head.parameters()) if self.value_head is not None else []
+        params = [p for p in model.parameters() if p.requires_grad] + head
         self.params = params
         self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas(), eps=optim.adam_eps,
                                            weight_decay=optim.weight_decay)
@@ -137,13 +153,14 @@ class PPOTrainer:
                        else FixedKLController(ppo.init_kl_coef))
         self.lengths = LengthSampler(sampling.min_new_tokens, sampling.max_new_tokens + 1, seed=seed)
         self.gen = torch.Generator(device=device).manual_seed(seed)  # sampling, prompts, minibatch order
+        self.running = RunningMoments()  # --use-score-scaling's running mean and std of the scores
         self.step_count = 0
 
     @classmethod
     def for_config(cls, model, tokenizer, reward_fn, cfg, device="cpu") -> "PPOTrainer":
         """The trainer for a whole options.TrainConfig: its ppo, optim and sampling sections and the run's seed."""
         return cls(model, tokenizer, reward_fn, cfg.ppo, cfg.optim, cfg.sampling, cfg.run.seed, device,
-                   cfg.optimizer_steps())
+                   cfg.optimizer_steps(), cfg.algorithm, cfg.shaping)
 
     # ---------------------------------------------------------------- the step
     def step(self, prompts: list[str]) -> tuple[dict, Rollout]:
@@ -156,13 +173,15 @@ class PPOTrainer:
         kl_coef = self.kl_ctl.value
         batch = self.advantages(r, kl_coef)
         t2 = time.time()
-        train_stats = self.update(r, batch)
+        train_stats = self.update(r, batch, kl_coef)
         t3 = time.time()
         timing = {"time/ppo/rollout": t1 - t0, "time/ppo/compute_advantages": t2 - t1,
                   "time/ppo/optimize_step": t3 - t2, "time/ppo/total": t3 - t0}
         stats = step_stats(batch.scores, batch.logprobs, batch.non_score, batch.kls, batch.mask, kl_coef, train_stats,
                            query_lengths=batch.query_lengths.tolist(), response_lengths=batch.mask.sum(1).tolist(),
-                           timing=timing)
+                           timing=timing, raw_scores=batch.raw_scores)
+        if batch.rlhf_reward is not None:
+            stats["objective/rlhf_reward"] = batch.rlhf_reward.mean().item()  # trl RLOOTrainer's name
         self.kl_ctl.update(stats["objective/kl"], len(prompts))
         self.step_count += 1
         return stats, r
@@ -229,7 +248,7 @@ class PPOTrainer:
         only the "full" KL estimator, which reads every token's log-prob, gets an fp32 [b, N, V] copy.
         """
         out = self.model(seq, seq_mask, logits_positions=slice(P - 1, P + N - 1))
-        values = self.value_head(out.hidden_states[:, P - 1:P + N - 1])
+        values = self.value_head(out.hidden_states[:, P - 1:P + N - 1]) if self.value_head is not None else None
         tau = self.sampling.temperature  # log-probs of the distribution that was sampled
         if not full_logits:
             logprobs, entropy = token_logprobs(out.logits, seq[:, P:], tau)
@@ -255,20 +274,33 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------- advantages
     def advantages(self, r: Rollout, kl_coef: float) -> Batch:
-        """Per-token rewards (-kl_coef * KL, + the score at the last token) on this rank's rows, then the
-        global batch with GAE advantages (Batch.gather)."""
-        ppo = self.ppo
+        """The whole batch's scores (shaped, for PPO, as --use-score-scaling etc. say: shaping.py), per-token
+        rewards (-kl_coef * KL, + the score at the last token) on this rank's rows, the global batch
+        (Batch.gather), and its advantages: GAE (PPO), or from the other samples of each prompt (rloo, grpo)."""
+        ppo, algorithm = self.ppo, self.algorithm.algorithm
+        raw = dist.gather_rows(r.scores)  # [B]: the running moments see the whole batch on every rank
+        scores = shape_scores(raw, self.shaping, self.running) if algorithm == "ppo" else raw
         full = ppo.kl_estimator == "full"
         logprobs, ref = (r.logits, r.ref_logits) if full else (r.logprobs, r.ref_logprobs)
-        rewards, non_score, kls = compute_rewards(r.scores, logprobs, ref, r.response_mask.float(), kl_coef,
-                                                  ppo.kl_estimator)
-        return Batch.gather(r, rewards, non_score, kls, ppo)
+        rewards, non_score, kls = compute_rewards(scores[dist.my_rows(len(raw))], logprobs, ref,
+                                                  r.response_mask.float(), kl_coef, ppo.kl_estimator)
+        batch = Batch.gather(r, raw, scores, rewards, non_score, kls, with_ref=algorithm == "grpo")
+        if algorithm == "ppo":
+            batch.values, batch.advantages, batch.returns = compute_advantages(
+                batch.values, batch.rewards, batch.mask, ppo.gamma, ppo.lam, self.shaping.whiten_rewards)
+        elif algorithm == "rloo":
+            batch.rlhf_reward, batch.advantages = rloo_advantages(batch.scores, batch.non_score, batch.mask, self.K)
+        else:
+            batch.advantages = grpo_advantages(batch.scores, self.K)
+        return batch
 
     # ---------------------------------------------------------------- update
-    def update(self, r: Rollout, batch: Batch) -> list[dict]:
+    def update(self, r: Rollout, batch: Batch, kl_coef: float | None = None) -> list[dict]:
         """PPO epochs over the batch: this rank runs the forward and backward passes of its rows `r` of each
-        minibatch; the loss reads the whole minibatch from `batch`. Returns ppo_loss's stats per minibatch."""
+        minibatch; the loss reads the whole minibatch from `batch` (and GRPO's KL term kl_coef, by default the
+        controller's). Returns the loss's stats per minibatch."""
         ppo = self.ppo
+        kl_coef = self.kl_ctl.value if kl_coef is None else kl_coef
         seq, seq_mask = r.seq, r.seq_mask
         P, N = r.query_ids.shape[1], r.response_ids.shape[1]
         B = batch.logprobs.shape[0]
@@ -281,12 +313,10 @@ class PPOTrainer:
                 new = self.forward_pass(seq[mine], seq_mask[mine], P, N)
                 # The whole minibatch's numbers on every rank, gradients only through this rank's rows: the
                 # loss is the single-process loss, and summing the ranks' gradients gives its gradient.
-                logprobs, vpreds, entropy = (dist.gather_rows(t) for t in (new.logprobs, new.values, new.entropy))
-                pg_loss, vf_loss, stats = ppo_loss(
-                    batch.logprobs[rows], batch.values[rows], logprobs, vpreds, entropy, batch.mask[rows],
-                    batch.advantages[rows], batch.returns[rows], ppo.cliprange, ppo.cliprange_value, ppo.vf_coef,
-                    ppo.ratio_threshold)
-                (pg_loss + vf_loss).backward()
+                logprobs, entropy = dist.gather_rows(new.logprobs), dist.gather_rows(new.entropy)
+                vpreds = dist.gather_rows(new.values) if new.values is not None else None
+                loss, stats = self.loss(batch, rows, logprobs, vpreds, entropy, kl_coef)
+                loss.backward()
                 self.optimizer_step()
                 all_stats.append(stats)
             # trl's early stop, checked once per epoch on its last minibatch: the policy moved too far
@@ -295,6 +325,23 @@ class PPOTrainer:
                 break
         self.model.eval()
         return all_stats
+
+    def loss(self, batch: Batch, rows, logprobs, vpreds, entropy, kl_coef: float) -> tuple[torch.Tensor, dict]:
+        """One minibatch's loss (rows: its global indices; logprobs, vpreds, entropy: the new pass, gathered) and
+        its stats: PPO's clipped policy + value loss (ppo.py), or RLOO's / GRPO's (group_baselines.py)."""
+        ppo, algorithm = self.ppo, self.algorithm.algorithm
+        old, mask, advantages = batch.logprobs[rows], batch.mask[rows], batch.advantages[rows]
+        if algorithm == "ppo":
+            pg_loss, vf_loss, stats = ppo_loss(
+                old, batch.values[rows], logprobs, vpreds, entropy, mask, advantages, batch.returns[rows],
+                ppo.cliprange, ppo.cliprange_value, ppo.vf_coef, ppo.ratio_threshold)
+            return pg_loss + vf_loss, stats
+        if algorithm == "rloo":
+            loss, stats = rloo_loss(old, logprobs, mask, advantages, ppo.cliprange)
+        else:
+            loss, stats = grpo_loss(old, logprobs, batch.ref_logprobs[rows], mask, advantages, ppo.cliprange, kl_coef)
+        stats["policy/entropy"] = masked_mean(entropy, mask).detach()
+        return loss, stats
 
     def optimizer_step(self) -> None:
         """Sum the ranks' gradients, clip their norm, one AdamW step, clear them."""
@@ -309,7 +356,8 @@ class PPOTrainer:
 
 def _cat_passes(passes: list[Pass], keep_logits: bool) -> Pass:
     cat = torch.cat
-    return Pass(cat([p.logprobs for p in passes]), cat([p.values for p in passes]), cat([p.entropy for p in passes]),
+    values = cat([p.values for p in passes]) if passes[0].values is not None else None
+    return Pass(cat([p.logprobs for p in passes]), values, cat([p.entropy for p in passes]),
                 cat([p.logits for p in passes]) if keep_logits else None)
 
 

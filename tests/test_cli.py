@@ -90,6 +90,24 @@ BAD = {
     "log_with": [(["mlflow"], "--log-with must be one of none, tensorboard, wandb, got 'mlflow'")],
     "eval_every": [(["-1"], "--eval-every must be >= 0, got -1")],
     "eval_every_size": [(["0"], "--eval-every-size must be >= 1, got 0")],
+    "algorithm": [(["reinforce"], "--algorithm must be one of ppo, rloo, grpo, got 'reinforce'"),
+                  (["--algorithm", "rloo", "--vf-coef", "0.2"],
+                   "--vf-coef is a PPO flag (the value loss), unused by --algorithm rloo: drop it or use --algorithm ppo"),
+                  (["--algorithm", "grpo", "--gamma", "0.9"], "--gamma is a PPO flag (GAE), unused by --algorithm grpo"),
+                  (["--algorithm", "rloo", "--lam", "0.9"], "--lam is a PPO flag (GAE), unused by --algorithm rloo"),
+                  (["--algorithm", "grpo", "--cliprange-value", "0.3"], "--cliprange-value is a PPO flag"),
+                  (["--algorithm", "rloo", "--kl-estimator", "abs"], "--kl-estimator is a PPO flag")],
+    "group_size": [(["-1"], "--group-size must be >= 0, got -1"),
+                   (["--algorithm", "rloo", "--group-size", "1"], "--group-size 1 with --algorithm rloo: its baseline "
+                    "is the other samples of the same prompt, so it needs K >= 2"),
+                   (["--algorithm", "grpo", "--group-size", "1"], "--group-size 1 with --algorithm grpo"),
+                   (["3"], "--batch-size 8 is not divisible by --group-size 3")],
+    "score_clip": [(["-1"], "--score-clip must be >= 0, got -1.0"),
+                   (["--algorithm", "grpo", "--score-clip", "2"], "--score-clip is a PPO flag (reward shaping)")],
+    "use_score_scaling": [(["--algorithm", "rloo", "--use-score-scaling"],
+                           "--use-score-scaling is a PPO flag (reward shaping), unused by --algorithm rloo")],
+    "use_score_norm": [(["--use-score-norm"], "--use-score-norm needs --use-score-scaling")],
+    "whiten_rewards": [(["--algorithm", "grpo", "--whiten-rewards"], "--whiten-rewards is a PPO flag (reward shaping)")],
 }
 if importlib.util.find_spec("wandb") is None:  # an optional tracker that is not installed is refused up front
     BAD["log_with"].append((["wandb"], "--log-with wandb: the wandb package is not installed"))
@@ -150,6 +168,22 @@ def test_an_out_of_domain_flag_is_one_line_and_exit_2(tiny, tmp_path, capsys, na
     assert len(lines) == 1 and lines[0].startswith("train.py: error: ") and message in lines[0], err
     assert "Traceback" not in err
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_every_ppo_only_flag_is_refused_by_rloo_and_grpo():
+    """Each flag of options.PPO_ONLY, set away from its default, is one line with rloo and grpo, fine with ppo."""
+    from minirlhf.options import PPO_ONLY
+
+    other = {"gamma": 0.9, "lam": 0.9, "vf_coef": 0.2, "cliprange_value": 0.3, "kl_estimator": "abs",
+             "ratio_threshold": 5.0, "early_stop_kl": 0.1, "use_score_scaling": True, "use_score_norm": True,
+             "score_clip": 2.0, "whiten_rewards": True}
+    assert set(other) == set(PPO_ONLY)
+    for name, value in other.items():
+        extra = {"use_score_scaling": True} if name == "use_score_norm" else {}
+        TrainConfig.from_flags(**{name: value}, **extra).check_algorithm()
+        for algorithm in ("rloo", "grpo"):
+            with pytest.raises(UsageError, match=f"^--{name.replace('_', '-')} is a PPO flag"):
+                TrainConfig.from_flags(algorithm=algorithm, **{name: value}).check_algorithm()
 
 
 def test_the_command_line_itself_prints_one_line(tiny, tmp_path):

@@ -243,6 +243,21 @@ UPDATE = b * T * (BLOCK0 + (L - 1) * BLOCK) + HEAD + UPDATE_COMMON
 UPDATE_CKPT = b * T * (L * C * 2 + BLOCK) + HEAD + UPDATE_COMMON  # every block's input + one block at a time
 
 
+def test_rloo_and_grpo_plans_have_no_value_head(neox20b):
+    """--algorithm rloo / grpo: the 20B plan by hand less the value head (C + 1 parameters): its row, its AdamW
+    moments and gradient, and its fp32 input in the update; every other row as for PPO (K samples per prompt are
+    rows of --batch-size, which the plan counts already)."""
+    ppo = {r["name"]: (r["plain"], r["ckpt"]) for r in plan_for(TrainConfig.from_flags(model=neox20b, **SEED_20B))["rows"]}
+    head = C + 1
+    for algorithm in ("rloo", "grpo"):
+        plan = plan_for(TrainConfig.from_flags(model=neox20b, algorithm=algorithm, **SEED_20B))
+        rows = {r["name"]: (r["plain"], r["ckpt"]) for r in plan["rows"]}
+        less = {"AdamW state (exp_avg, exp_avg_sq)": 2 * head * 4, "activations kept for backward": b * N * C * 4,
+                "parameter gradients (+ AdamW temporaries)": 2 * head * 4}
+        expected = {k: (v[0] - less.get(k, 0), v[1] - less.get(k, 0)) for k, v in ppo.items() if k != "value head (fp32)"}
+        assert rows == expected
+
+
 def test_gpt_neox_20b_plan_by_hand(neox20b):
     """Every row of the README's 20B plan printout, and its totals, against the arithmetic above."""
     plan = plan_for(TrainConfig.from_flags(model=neox20b, **SEED_20B))

@@ -71,3 +71,16 @@ def rewrite_config(folder, fn):
     config = fn(config)
     with open(path, "w") as f:
         json.dump(config, f)
+
+
+def run_folder_inputs(folder, prompts, **files):
+    """A tiny model + tokenizer in folder/model, the prompts in folder/prompts.txt and each extra file (name -> text):
+    what a small train.py run needs."""
+    hf_model(seed=0).save_pretrained(os.path.join(folder, "model"))
+    save_tokenizer(os.path.join(folder, "model"))
+    with open(os.path.join(folder, "prompts.txt"), "w") as f:
+        f.write("\n".join(prompts) + "\n")
+    for name, text in files.items():
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(text)
+    return folder
