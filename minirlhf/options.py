@@ -194,9 +194,6 @@ class ShapingConfig:
         if self.use_score_norm and not self.use_score_scaling:
             raise UsageError("--use-score-norm needs --use-score-scaling (trl applies the norm only with the scaling)")
 
-    def active(self) -> bool:
-        return self.use_score_scaling or self.score_clip > 0 or self.whiten_rewards
-
 
 @dataclass
 class OptimizerConfig:
