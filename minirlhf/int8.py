@@ -70,7 +70,8 @@ def backward_path(grad_out: torch.Tensor) -> str:
                   the gradient; a half-precision GEMM (2 bytes per weight, transient)
     "switchback"  an fp32 gradient where int8 is native (CUDA; CPUs with VNNI/AMX): one more LLM.int8()
                   product, no copy of W at all
-    "fp32"        an fp32 gradient elsewhere (a CPU without VNNI): W dequantized to fp32 (4 bytes per weight)"""
+    "fp32"        an fp32 gradient elsewhere (a CPU without VNNI): W dequantized to fp32 (the codes in fp32, then
+                  scaled: 8 bytes per weight at the peak, as memory.py counts)"""
     if grad_out.dtype in (torch.bfloat16, torch.float16):
         return "half"
     if os.environ.get("MINIRLHF_INT8_SWITCHBACK", "1").strip() == "0":
