@@ -17,7 +17,7 @@ within 1e-5 relative, bf16 within 1e-2); a mismatch is reported, not timed, and 
 
 Both 4-bit layers rebuild W in the compute dtype and call a float GEMM, forward and backward (the 4 bits are a
 storage format): the float F.linear columns are the floor, the 4-bit columns that floor plus two
-dequantizations. The header names the CPU and its int8 / bf16 flags (avx512_vnni, avx512_bf16, amx): bf16
+dequantizations. The header names the CPU and its int8 / bf16 instructions (minirlhf/cpu.py): bf16
 GEMMs are fast only with avx512_bf16 or AMX.
 
 GPU section (--device cuda): the same rows with CUDA tensors, ours through whatever NF4Linear dispatches to on
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_int8 import fmt, median_ms, parse_shapes, try_import_bnb  # noqa: E402  (same timing, same table)
 
+from minirlhf import cpu  # noqa: E402
 from minirlhf.nf4 import NF4Linear  # noqa: E402
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -48,25 +49,6 @@ LAYERS = {"70m qkv": (512, 1536), "70m h_to_4h": (512, 2048), "410m h_to_4h": (1
           "1b h_to_4h": (2048, 8192)}
 TOKENS = (1, 16, 64, 256)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-CPU_FLAGS = ("avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-
-
-def cpu_header() -> str:
-    """The CPU's model name and which of its int8 / bf16 flags are present (from /proc/cpuinfo)."""
-    name, flags = "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and name == "unknown CPU":
-                    name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    marks = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in CPU_FLAGS)
-    return f"{name} ({os.cpu_count()} cores; {marks})"
-
-
 def bnb_4bit(bnb, lin: nn.Linear, dtype, device):
     """bitsandbytes Linear4bit holding lin's weight: NF4, blocks of 64, double quantization."""
     m = bnb.nn.Linear4bit(lin.in_features, lin.out_features, compute_dtype=dtype, compress_statistics=True,
@@ -121,7 +103,7 @@ def bench(device, dtypes, layers, tokens, quick, bnb):
     if device == "cuda":
         print(f"## GPU: {torch.cuda.get_device_name()}\n")
     else:
-        print(f"## CPU: {cpu_header()}, {torch.get_num_threads()} threads, "
+        print(f"## CPU: {cpu.describe()}; {torch.get_num_threads()} threads, "
               f"capability {torch.backends.cpu.get_cpu_capability()}\n")
     print("NF4, blocksize 64, double quantization; ms per call, median; fwd = forward only, "
           "f+b = forward + input-gradient backward\n")

@@ -49,7 +49,6 @@ The machine is shared and noisy: the ratio measured within one run is the honest
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -102,23 +101,6 @@ def maxrss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # KiB on Linux
-
-
-def cpu_description() -> str:
-    model, flags = platform.processor() or "unknown CPU", ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model in ("unknown CPU", platform.processor()):
-                    model = line.split(":", 1)[1].strip()
-                if line.startswith("flags") and not flags:
-                    flags = line.split(":", 1)[1]
-    except OSError:
-        pass
-    have = lambda names: [name for name in names if f" {name} " in f" {flags.strip()} "]  # noqa: E731
-    int8, bf16 = have(("avx512_vnni", "avx_vnni", "amx_int8")), have(("avx512_bf16", "amx_bf16"))
-    return (f"{model}, {os.cpu_count()} cores; int8 instructions: {', '.join(int8) or 'none (no VNNI/AMX)'}; "
-            f"bf16 instructions: {', '.join(bf16) or 'none (no AVX512-BF16/AMX)'}")
 
 
 def median(xs):
@@ -197,7 +179,9 @@ def child_build(args) -> dict:
     scores = [[rng.uniform(-1.0, 1.0) for _ in range(BATCH)] for _ in range(n_steps)]
     with open(os.path.join(folder, "bench_inputs.json"), "w") as f:
         json.dump({"queries": queries, "texts": texts, "scores": scores}, f)
-    return {"params": n_params}
+    from minirlhf import cpu
+
+    return {"params": n_params, "machine": cpu.describe()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -468,13 +452,13 @@ def main():
     if not plan or any(r not in ROWS for r in plan):
         p.error(f"--rows: expected a comma-separated subset of {','.join(ROWS)}, got {args.rows!r}")
 
-    machine = cpu_description()
-    print(f"machine: {machine}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_ppo-") as folder:
         t = time.perf_counter()
         built = run_child("build", None, folder, args)
         if "error" in built:
             sys.exit(f"building the model failed: {built['error']}")
+        machine = built["machine"]  # the CPU and its int8 / bf16 instructions (minirlhf/cpu.py), read by the child
+        print(f"machine: {machine}", flush=True)
         print(f"built the model ({built['params'] / 1e6:.1f}M parameters) and tokenizer in "
               f"{time.perf_counter() - t:.0f} s", flush=True)
 

@@ -433,7 +433,7 @@ def update_rows(rows, z: Sizes, pb, cfg, config, model, device: str) -> None:
     L, b, T, N, C, V, s = z.L, z.b, z.T, z.N, z.C, z.V, z.s
     adapted = _adapted(model, config)
     first = next(i for i, a in enumerate(adapted) if a)
-    plain = device == "cpu" and s == 2  # neox.attend
+    plain = device == "cpu" and s == 2 and not config.attention_dropout  # neox.attend's rule in a training forward
     per_block = [saved_per_token(config, adapted[i], i > first, s, cfg.lora.lora_r, cfg.lora.lora_dropout, T, plain)
                  for i in range(L)]
     head = b * T * (C * s + 8)  # final LayerNorm's input

@@ -68,7 +68,7 @@ def test_switchback_is_an_int8_product_of_the_scaled_gradient(monkeypatch):
     assert err < 0.02, err
 
 
-def test_half_path_is_a_bf16_product_within_bf16_rounding(monkeypatch):
+def test_half_path_is_a_bf16_product_within_bf16_rounding():
     layer, x, g = layer_and_grad(torch.bfloat16)
     got = input_gradient(layer, x, g)
     assert got.dtype == torch.bfloat16
