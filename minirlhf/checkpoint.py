@@ -199,6 +199,13 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device="cp
     return model.eval()
 
 
+def stored_quantization(name_or_path: str) -> str | None:
+    """"nf4" or "fp4" for a folder (or Hub id) that transformers saved from a bitsandbytes 4-bit model, None for a
+    float one. Reads config.json alone: what --quantization auto follows before any weight is loaded."""
+    four_bit = _four_bit_config(os.path.join(resolve(name_or_path, files=("config.json",)), "config.json"))
+    return None if four_bit is None else four_bit["quant_type"]
+
+
 def _four_bit_config(config_path: str) -> dict | None:
     """config.json's bitsandbytes 4-bit quantization_config, checked (nf4_checkpoint.read_config), or None."""
     try:

@@ -100,7 +100,7 @@ from dataclasses import dataclass
 import torch
 
 from . import cpu
-from .checkpoint import resolve
+from .checkpoint import resolve, stored_quantization
 from .config import ConfigError, NeoXConfig
 from .embedded import DEFAULT_DIR
 from .int8 import Int8Linear
@@ -530,6 +530,7 @@ def plan_for(cfg) -> dict:
     cfg.validate()  # every flag's domain (a plan may name a GPU this machine lacks)
     name = os.path.join(DEFAULT_DIR, "lm") if cfg.base.model == "default" else cfg.base.model
     config, raw, path = read_config(name)
+    cfg = dataclasses.replace(cfg, base=cfg.base.following(stored_quantization(os.path.dirname(path))))  # as load_model
     device, _ = target(cfg)
     budget = budget_bytes(cfg, device)
     fb = file_bytes_per_param(raw, path, _count_params(config))

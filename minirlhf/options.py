@@ -44,13 +44,14 @@ class BaseConfig:
     """Hold the frozen base in int8 and run LLM.int8() (--no-int8 keeps it in floating point)."""
     quantization: str = "auto"
     """How the blocks' linear layers are held: int8 (LLM.int8()), nf4 or fp4 (4-bit blocks of 64 with double
-    quantization, QLoRA), none (floating point), or auto (int8, or none with --no-int8). --no-int8 with int8,
-    nf4 or fp4 is an error. A --model folder saved 4-bit by transformers + bitsandbytes loads as it is, with
-    its own nf4 or fp4."""
+    quantization, QLoRA), none (floating point), or auto: a --model folder saved 4-bit by transformers +
+    bitsandbytes loads as it is, with its own nf4 or fp4; any other model int8, or none with --no-int8.
+    --no-int8 with int8, nf4 or fp4 is an error."""
     int8_threshold: float = 6.0
     """LLM.int8() outlier threshold, >= 0: activation columns with any |x| >= this run in floating point."""
     dtype: str = "auto"
-    """Float parts of the model: float32, bfloat16, float16 (GPU only), or auto (bfloat16 on GPU, float32 on CPU)."""
+    """Float parts of the model: float32, bfloat16, float16 (GPU only), or auto (bfloat16 on a GPU and on a CPU
+    with AVX512-BF16 or AMX, float32 on other CPUs: devices.float_dtype)."""
     gradient_checkpointing: bool = False
     """Recompute each transformer block in the backward pass instead of keeping its activations: less memory
     for long responses and big models, at the cost of about one more forward pass per update."""
@@ -63,6 +64,14 @@ class BaseConfig:
             raise UsageError(f"--no-int8 conflicts with --quantization {self.quantization} "
                              "(--no-int8 means --quantization none)")
         _check(self.model.strip() != "", "model", self.model, 'a Hub id, a folder or "default"')
+
+    def following(self, stored: str | None) -> "BaseConfig":
+        """This config with --quantization auto resolved to `stored`, the 4-bit type (nf4 / fp4) the --model
+        folder holds (checkpoint.stored_quantization); unchanged for a float folder, an explicit
+        --quantization or --no-int8 (load_model then refuses a 4-bit folder in one line)."""
+        if stored is None or self.quantization != "auto" or not self.int8:
+            return self
+        return dataclasses.replace(self, quantization=stored)
 
     def quantized(self) -> str:
         """What the blocks are held as: none, int8, nf4 or fp4 (auto resolved through --int8 / --no-int8)."""

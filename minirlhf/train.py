@@ -26,6 +26,7 @@ distributed.on_main, so a failed write stops every rank), and every rank evaluat
 (side by side, so it costs no time) to stay in step without waiting.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from tqdm import tqdm
 
 from . import distributed as dist, resume
 from .atomic import write_text
-from .checkpoint import load_model, resolve
+from .checkpoint import load_model, resolve, stored_quantization
 from .cli import UsageError, about
 from .embedded import default_path
 from .export import write_tokenizer
@@ -99,6 +100,7 @@ class Job:
 def run(cfg: TrainConfig, progress: bool = True) -> dict:
     """Train; returns summary.json's content ({"plan": ...} with --plan-memory, which loads no weights)."""
     cfg.validate()
+    cfg = follow_stored_quantization(cfg)
     if cfg.run.plan_memory:
         return plan_only(cfg)
     out, checkpoint = run_folder(cfg)
@@ -162,6 +164,14 @@ def build(cfg: TrainConfig, out: str, checkpoint: str | None) -> Job:
 
 def model_path(cfg: TrainConfig) -> str:
     return default_path("lm") if cfg.base.model == "default" else cfg.base.model
+
+
+def follow_stored_quantization(cfg: TrainConfig) -> TrainConfig:
+    """--quantization auto on a folder transformers saved in 4 bits: that folder's nf4 or fp4 (config.json)."""
+    if cfg.base.quantization != "auto":
+        return cfg
+    with about("--model"):
+        return dataclasses.replace(cfg, base=cfg.base.following(stored_quantization(model_path(cfg))))
 
 
 def build_model(cfg: TrainConfig, device, dtype):

@@ -356,7 +356,8 @@ def test_train_py_names_the_bad_tensor_or_field_in_one_line_and_exits_2(nf4_copy
         assert message in lines[0] and "Traceback" not in err, err
         assert not (tmp_path / "run").exists()  # nothing written
 
-    one_line_exit_2(argv, "(--quantization nf4), not 'int8'")  # --quantization auto is int8 here
+    one_line_exit_2(argv + ["--quantization", "int8"], "(--quantization nf4), not 'int8'")
+    one_line_exit_2(argv + ["--no-int8"], "(--quantization nf4), not 'none'")
     config = json.loads((nf4_copy / "config.json").read_text())
     config["quantization_config"]["bnb_4bit_quant_type"] = "int4"
     (nf4_copy / "config.json").write_text(json.dumps(config))
@@ -365,3 +366,19 @@ def test_train_py_names_the_bad_tensor_or_field_in_one_line_and_exits_2(nf4_copy
     (nf4_copy / "config.json").write_text(json.dumps(config))
     edit_tensors(nf4_copy, drop("weight.absmax"))
     one_line_exit_2(argv + ["--quantization", "nf4"], f"missing tensor '{QKV}.weight.absmax'")
+
+
+def test_quantization_auto_follows_what_the_folder_holds(nf4_copy, float_folder):
+    from minirlhf.memory import plan_for
+    from minirlhf.train import TrainConfig, follow_stored_quantization
+
+    def held(**flags):
+        return follow_stored_quantization(TrainConfig.from_flags(**flags)).base.quantized()
+
+    assert held(model=str(nf4_copy)) == "nf4"  # auto: the folder's own 4-bit type
+    assert held(model=str(float_folder)) == "int8"  # a float folder: LLM.int8(), as before
+    assert held(model=str(nf4_copy), int8=False) == "none"  # explicit choices are kept (load_model refuses them)
+    assert held(model=str(nf4_copy), quantization="int8") == "int8"
+    auto, nf4 = (plan_for(TrainConfig.from_flags(model=str(nf4_copy), **q)) for q in ({}, {"quantization": "nf4"}))
+    assert auto["rows"] == nf4["rows"] and auto["totals"] == nf4["totals"]
+    assert auto["rows"][0]["name"] == "4-bit weights (nf4, blocks' linear layers)", auto["rows"][0]
