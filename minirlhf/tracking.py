@@ -44,10 +44,12 @@ class NoTracker:
 
 
 class TensorBoardTracker(NoTracker):
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, first_step: int = 1):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=folder)
+        # A resumed run logs again from the checkpoint's step + 1: purge_step hides what an earlier process
+        # logged from there on (it may have run past its last checkpoint), as metrics.jsonl drops those lines.
+        self.writer = SummaryWriter(log_dir=folder, purge_step=first_step if first_step > 1 else None)
 
     def log(self, stats: dict, step: int) -> None:
         for name, value in scalars(stats).items():
@@ -84,10 +86,11 @@ def _escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def open_tracker(kind: str, out: str, config: dict):
-    """The tracker --log-with names, writing under the run folder."""
+def open_tracker(kind: str, out: str, config: dict, first_step: int = 1):
+    """The tracker --log-with names, writing under the run folder; first_step: the first step this process logs
+    (a resumed run's checkpoint step + 1). A W&B offline run is a new run per process (`wandb sync` uploads each)."""
     if kind == "tensorboard":
-        return TensorBoardTracker(os.path.join(out, "tensorboard"))
+        return TensorBoardTracker(os.path.join(out, "tensorboard"), first_step)
     if kind == "wandb":
         return WandbTracker(os.path.join(out, "wandb"), config)
     return NoTracker()

@@ -107,7 +107,8 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
     job = build(cfg, out, checkpoint)
     before = restore_or_evaluate_before(cfg, job)
     start = time.time()
-    tracker = open_tracker(cfg.run.log_with, out, cfg.resolved()) if dist.is_main() else NoTracker()
+    first_step = job.trainer.step_count + 1  # a resumed run's checkpoint step + 1
+    tracker = open_tracker(cfg.run.log_with, out, cfg.resolved(), first_step) if dist.is_main() else NoTracker()
     try:
         train_loop(cfg, job, progress, tracker)
         after = evaluate(job.trainer, job.eval_prompts, job.judges, eval_seed(cfg))

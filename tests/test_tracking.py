@@ -3,6 +3,7 @@ metrics.jsonl at its step with its value, and the before/after samples as text; 
 written and metrics.jsonl is the same."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -56,3 +57,24 @@ def test_off_by_default_and_the_same_numbers(runs):
     for x, y in zip(a, b):
         assert {k: v for k, v in x.items() if not k.startswith("time/")} == \
                {k: v for k, v in y.items() if not k.startswith("time/")}
+
+
+def test_a_resumed_run_logs_each_step_once(runs, tmp_path):
+    """A process that logged step 3 and died before its checkpoint: the resumed run logs step 3 again, and
+    TensorBoard shows it once (purge_step), as metrics.jsonl holds it once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "resumed"
+    common = dict(model=str(runs / "model"), prompts=str(runs / "p.txt"), log_with="tensorboard",
+                  **{**SMALL, "save_every": 2})
+    run(TrainConfig.from_flags(out=str(out), **common), progress=False)
+    shutil.rmtree(out / "checkpoints" / "step-000003")  # the crash: step 3 logged, its checkpoint never written
+    run(TrainConfig.from_flags(resume=str(out), **common), progress=False)
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    rows = metrics(out)
+    assert [m["step"] for m in rows] == [1, 2, 3]
+    for name in ("env/reward_mean", "objective/kl", "time/ppo/total"):
+        events = acc.Scalars(name)
+        assert [e.step for e in events] == [1, 2, 3], name
+        assert [e.value for e in events] == [float(np.float32(m[name])) for m in rows], name  # the resumed step's
