@@ -1,8 +1,9 @@
-"""python train.py [flags]: RLHF a GPT-NeoX with PPO, an int8 base and LoRA adapters.
+"""python train.py [flags]: RLHF a GPT-NeoX with RLOO, GRPO or PPO, an int8 base and LoRA adapters.
 
 Every flag is a field of minirlhf.options.TrainConfig; --help prints each field's documentation.
 With no flags it runs the embedded default: a small GPT-NeoX trained on movie-review snippets,
-taught by PPO to write positive reviews, scored by a reward model trained on human ratings.
+taught by RLOO (--algorithm ppo|grpo for the others) to write positive reviews, scored by a reward model
+trained on human ratings.
 
 Data parallel: `torchrun --nproc_per_node=N train.py [flags]` runs N processes (GPUs: one each, NCCL;
 CPU: gloo); --batch-size is the global batch, split evenly between them (minirlhf/distributed.py).

@@ -1,4 +1,4 @@
-"""The job that `python train.py` runs: build the pieces, train with PPO, write the run folder.
+"""The job that `python train.py` runs: build the pieces, train (RLOO, GRPO or PPO), write the run folder.
 
     run(cfg)                          cfg: options.TrainConfig, one flag per field, one section per concern
       validate                        every flag's domain, or one line naming the flag

@@ -104,7 +104,8 @@ def test_a_checkpoint_interrupted_after_its_adapter_keeps_the_previous_checkpoin
     save_tokenizer(tmp_path / "m")
     (tmp_path / "p.txt").write_text("the movie was\nhello world\n")
     cfg = dict(model=str(tmp_path / "m"), prompts=str(tmp_path / "p.txt"), reward="vader", batch_size=2,
-               mini_batch_size=2, ppo_epochs=1, min_new_tokens=2, max_new_tokens=3, eval_size=2, save_every=1)
+               mini_batch_size=2, ppo_epochs=1, min_new_tokens=2, max_new_tokens=3, eval_size=2, save_every=1,
+               algorithm="ppo")
     run(TrainConfig.from_flags(steps=1, out=str(tmp_path / "run"), **cfg), progress=False)
     step1 = tmp_path / "run" / "checkpoints" / "step-000001"
     state_before = (step1 / "trainer_state.json").read_text()

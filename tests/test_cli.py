@@ -20,12 +20,12 @@ import torch
 from minirlhf import cpu, devices, resume
 from minirlhf.cli import UsageError
 from minirlhf.train import TrainConfig, run
-from tiny import hf_model, save_tokenizer
+from tiny import PPO, hf_model, save_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["the movie was", "hello world", "a dull film", "I loved every", "this is a", "boring plot"]
 SMALL = dict(steps=2, batch_size=4, mini_batch_size=2, ppo_epochs=1, min_new_tokens=2, max_new_tokens=4,
-             eval_size=2, save_every=1, seed=0, reward="vader")
+             eval_size=2, save_every=1, seed=0, reward="vader", **PPO)
 
 # flag -> out-of-domain values (each a list of argv words after the flag; [] means "the flag alone"), and a
 # piece of the one-line error. FILE is replaced by an existing regular file.
@@ -180,7 +180,7 @@ def test_every_ppo_only_flag_is_refused_by_rloo_and_grpo():
     assert set(other) == set(PPO_ONLY)
     for name, value in other.items():
         extra = {"use_score_scaling": True} if name == "use_score_norm" else {}
-        TrainConfig.from_flags(**{name: value}, **extra).check_algorithm()
+        TrainConfig.from_flags(algorithm="ppo", **{name: value}, **extra).check_algorithm()
         for algorithm in ("rloo", "grpo"):
             with pytest.raises(UsageError, match=f"^--{name.replace('_', '-')} is a PPO flag"):
                 TrainConfig.from_flags(algorithm=algorithm, **{name: value}).check_algorithm()
@@ -328,8 +328,9 @@ def test_cuda_rng_state_is_saved_and_restored_on_a_gpu(monkeypatch):
 
 def test_validate_accepts_the_defaults_and_edge_values():
     TrainConfig.from_flags().validate()
-    TrainConfig.from_flags(gamma=0.0, lam=1.0, top_p=1.0, top_k=0, vf_coef=0.0, init_kl_coef=0.0, lora_dropout=0.0,
-                         min_new_tokens=16, max_new_tokens=16, lora_targets="attention.dense,dense_4h_to_h").validate()
+    TrainConfig.from_flags(algorithm="ppo", gamma=0.0, lam=1.0, top_p=1.0, top_k=0, vf_coef=0.0, init_kl_coef=0.0,
+                           lora_dropout=0.0, min_new_tokens=16, max_new_tokens=16,
+                           lora_targets="attention.dense,dense_4h_to_h").validate()
 
 
 # ---------------------------------------------------------------------------------------------- build_default

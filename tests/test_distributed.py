@@ -44,7 +44,8 @@ def flaky(prompts, responses):
 # the fp32 gradients' int8 GEMM on CPUs with VNNI, rounds each gradient to 8 bits, which turns 1e-7 differences
 # of the float sums into whole 8-bit steps now and then: measured 1e-4 on these weights.)
 SETTINGS = dict(batch_size=8, mini_batch_size=4, ppo_epochs=2, lr=1e-2, min_new_tokens=4, max_new_tokens=6,
-                init_kl_coef=0.01, eval_size=2, save_every=2, seed=0, dtype="float32")
+                init_kl_coef=0.01, eval_size=2, save_every=2, seed=0, dtype="float32", algorithm="ppo",
+                lr_schedule="constant")
 
 
 @pytest.fixture(autouse=True)

@@ -12,14 +12,14 @@ import minirlhf
 from minirlhf.export import main
 from minirlhf.lora import load_adapter, lora_modules
 from minirlhf.train import TrainConfig, run
-from tiny import hf_model, save_tokenizer
+from tiny import PPO, hf_model, save_tokenizer
 
 PROMPTS = ["the movie was", "hello world", "a dull film", "I loved every", "this is a", "boring plot"]
 TEXTS = ["the movie was wonderful", "a dull, boring film with"]
 # A short run that moves the adapters visibly: B starts at 0, so lr and all-linear make B @ A large enough
 # that the exported logits differ from the base's by far more than the tolerances below.
 SHORT = dict(steps=2, batch_size=4, mini_batch_size=2, ppo_epochs=2, lr=5e-2, min_new_tokens=2, max_new_tokens=4,
-             eval_size=2, save_every=2, seed=0, reward="vader", lora_targets="all-linear")
+             eval_size=2, save_every=2, seed=0, reward="vader", lora_targets="all-linear", **PPO)
 
 
 def short_run(tmp, dtype=torch.float32, **kw):

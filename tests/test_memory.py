@@ -28,7 +28,7 @@ NEOX_20B = {  # EleutherAI/gpt-neox-20b's config.json, the fields that matter, w
     "eos_token_id": 0}
 # TRL's gpt-neox-20b sentiment example (the "20B on a 24 GB consumer GPU" blog): LoRA r=16, alpha 32,
 # dropout 0.05 on query_key_value; PPO batch 256, mini-batch 16; prompts of 2-8 tokens, responses 4-16.
-SEED_20B = dict(reward="vader", device="cuda", memory_gb=24.0, batch_size=256, mini_batch_size=16,
+SEED_20B = dict(algorithm="ppo", reward="vader", device="cuda", memory_gb=24.0, batch_size=256, mini_batch_size=16,
                 max_prompt_tokens=8, min_new_tokens=4, max_new_tokens=16, lora_r=16, lora_alpha=32.0,
                 lora_dropout=0.05, lora_targets="query_key_value")
 
@@ -250,7 +250,7 @@ def test_rloo_and_grpo_plans_have_no_value_head(neox20b):
     ppo = {r["name"]: (r["plain"], r["ckpt"]) for r in plan_for(TrainConfig.from_flags(model=neox20b, **SEED_20B))["rows"]}
     head = C + 1
     for algorithm in ("rloo", "grpo"):
-        plan = plan_for(TrainConfig.from_flags(model=neox20b, algorithm=algorithm, **SEED_20B))
+        plan = plan_for(TrainConfig.from_flags(model=neox20b, **{**SEED_20B, "algorithm": algorithm}))
         rows = {r["name"]: (r["plain"], r["ckpt"]) for r in plan["rows"]}
         less = {"AdamW state (exp_avg, exp_avg_sq)": 2 * head * 4, "activations kept for backward": b * N * C * 4,
                 "parameter gradients (+ AdamW temporaries)": 2 * head * 4}

@@ -139,7 +139,7 @@ def test_the_run_prints_the_tree_and_plan_memory_shows_the_same(tmp_path, capsys
     (tmp_path / "p.txt").write_text("the movie was\nhello world\n")
     flags = dict(model=str(folder), prompts=str(tmp_path / "p.txt"), reward="vader", steps=1, batch_size=2,
                  mini_batch_size=2, ppo_epochs=1, min_new_tokens=2, max_new_tokens=2, eval_size=1,
-                 out=str(tmp_path / "run"), lora_layers=1)
+                 out=str(tmp_path / "run"), lora_layers=1, algorithm="ppo")
     plan = run(TrainConfig.from_flags(**flags, plan_memory=True), progress=False)["plan"]
     planned = capsys.readouterr().out
     assert planned.startswith(plan["tree"] + "\n")

@@ -18,7 +18,7 @@ import torch
 from minirlhf.options import ShapingConfig, TrainConfig
 from minirlhf.shaping import RunningMoments, shape_scores
 from minirlhf.train import run
-from tiny import run_folder_inputs
+from tiny import PPO, run_folder_inputs
 
 trl_utils = pytest.importorskip("trl.trainer.utils")
 from trl import PPOTrainer  # noqa: E402
@@ -107,7 +107,7 @@ PROMPTS = ["the movie was", "hello world", "a dull film", "I loved every", "this
 REWARD = "def score(prompts, responses):\n    return [(sum(map(ord, r)) % 11) / 2 - 1 for r in responses]\n"
 SMALL = dict(steps=3, batch_size=8, mini_batch_size=4, ppo_epochs=1, min_new_tokens=2, max_new_tokens=4,
              eval_size=2, save_every=1, seed=0, reward="toyreward:score", lr=1e-2,
-             use_score_scaling=True, use_score_norm=True, score_clip=1.0, whiten_rewards=True)
+             use_score_scaling=True, use_score_norm=True, score_clip=1.0, whiten_rewards=True, **PPO)
 
 
 @pytest.fixture()

@@ -161,7 +161,8 @@ def test_grpo_equals_the_papers_equations(K):
 
 PROMPTS = ["the movie was", "hello world", "a dull film", "I loved every", "this is a", "boring plot"]
 SMALL = dict(steps=3, batch_size=8, mini_batch_size=4, ppo_epochs=2, min_new_tokens=2, max_new_tokens=4,
-             eval_size=2, save_every=1, seed=0, reward="toyreward:score", lr=1e-2, init_kl_coef=0.05)
+             eval_size=2, save_every=1, seed=0, reward="toyreward:score", lr=1e-2, init_kl_coef=0.05,
+             lr_schedule="constant")
 REWARD = "def score(prompts, responses):\n    return [(sum(map(ord, r)) % 11) / 10 - 0.5 for r in responses]\n"
 
 

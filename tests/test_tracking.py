@@ -10,10 +10,10 @@ import pytest
 
 from minirlhf.train import TrainConfig, run
 from minirlhf.tracking import scalars
-from tiny import hf_model, save_tokenizer
+from tiny import PPO, hf_model, save_tokenizer
 
 SMALL = dict(steps=3, batch_size=4, mini_batch_size=2, ppo_epochs=1, min_new_tokens=2, max_new_tokens=4,
-             eval_size=2, save_every=3, seed=0, reward="vader")
+             eval_size=2, save_every=3, seed=0, reward="vader", **PPO)
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,7 @@ def toy_target(folder):
 
 def config(**kw):
     base = dict(batch_size=8, mini_batch_size=4, ppo_epochs=2, lr=1e-2, min_new_tokens=4, max_new_tokens=6,
-                init_kl_coef=0.01, eval_size=4, save_every=2, seed=0)
+                init_kl_coef=0.01, eval_size=4, save_every=2, seed=0, algorithm="ppo", lr_schedule="constant")
     base.update(kw)
     return TrainConfig.from_flags(**base)
 

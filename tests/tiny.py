@@ -10,6 +10,10 @@ import os
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+# The PPO recipe: what `python train.py` ran before RLOO became the embedded default (README), and what the
+# tests of PPO's machinery (value head, GAE, trl's PPOTrainer) run.
+PPO = dict(algorithm="ppo", init_kl_coef=0.15, lr_schedule="constant")
+
 TEXT = [
     "the movie was wonderful and the actors were great",
     "a dull, boring film with a terrible plot",
