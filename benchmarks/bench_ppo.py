@@ -30,6 +30,8 @@ The setting (equal on both sides)
     ours-int8-fp32   --quantization int8 --dtype float32   (LLM.int8() blocks, fp32 float parts)
     ours-int8-bf16   --quantization int8 --dtype bfloat16
     ours-default     no flags: what `python train.py` resolves on this machine (printed in the table)
+  Every row of ours runs PPO with a constant learning rate (--algorithm ppo --lr-schedule constant), whatever
+  train.py's default algorithm: the peer is trl's PPOTrainer, and the step compared is its step.
 
 Every row runs in its own subprocess (imports and allocations never mix): the time of each step is the wall
 clock around the whole step (trl: `generate` + `step`; ours: `PPOTrainer.step`), reported as the median over
@@ -206,7 +208,8 @@ def child_ours(args) -> dict:
     cfg = TrainConfig.from_flags(batch_size=BATCH, mini_batch_size=MINI_BATCH, ppo_epochs=PPO_EPOCHS, lr=LR,
                       min_new_tokens=RESPONSE_TOKENS, max_new_tokens=RESPONSE_TOKENS, init_kl_coef=INIT_KL,
                       adaptive_kl=True, target_kl=TARGET_KL, horizon=HORIZON, top_k=0, top_p=1.0,
-                      temperature=1.0, max_grad_norm=0.0, early_stop_kl=0.0, seed=SEED, **ROWS[args.row])
+                      temperature=1.0, max_grad_norm=0.0, early_stop_kl=0.0, seed=SEED, algorithm="ppo",
+                      lr_schedule="constant", **ROWS[args.row])  # trl's PPOTrainer: PPO, a constant lr
     device, dtype = cfg.device()  # "auto" resolved exactly as train.py resolves it
     model = minirlhf.load_model(args.folder, dtype=dtype, device=device, quantization=cfg.base.quantized())
     add_lora(model, r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, target_modules=("query_key_value",))

@@ -29,7 +29,9 @@ from minirlhf.options import TrainConfig
 from minirlhf.train import build, eval_seed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ALGORITHMS = {"ppo": [], "rloo": ["--algorithm", "rloo"], "grpo": ["--algorithm", "grpo"]}
+# train.py's flags for each algorithm's row: rloo is the default; ppo runs its own recipe (the default before)
+ALGORITHMS = {"ppo": ["--algorithm", "ppo", "--init-kl-coef", "0.15", "--lr-schedule", "constant"],
+              "rloo": ["--algorithm", "rloo"], "grpo": ["--algorithm", "grpo"]}
 COLORS = {"ppo": "tab:blue", "rloo": "tab:orange", "grpo": "tab:green", "best-of-n": "tab:gray"}
 
 

@@ -3,7 +3,7 @@
     python -m minirlhf.export RUN_FOLDER OUT --merged     config.json, model.safetensors, tokenizer files:
                                                          GPTNeoXForCausalLM.from_pretrained(OUT) alone
     python -m minirlhf.export RUN_FOLDER OUT --adapter    adapter_config.json, adapter_model.safetensors,
-                                                         tokenizer files, value_head.safetensors:
+                                                         tokenizer files, value_head.safetensors (PPO):
                                                          PeftModel.from_pretrained(base, OUT)
 
 Why the merge starts from the float base, not from the int8 model that trained: the int8 blocks are a
@@ -156,7 +156,7 @@ def parse_args(argv):
     what.add_argument("--merged", action="store_true",
                       help="a transformers folder: the adapter merged into the base, in the checkpoint's dtype")
     what.add_argument("--adapter", action="store_true",
-                      help="the PEFT adapter folder, with the tokenizer and value_head.safetensors")
+                      help="the PEFT adapter folder, with the tokenizer and a PPO run's value_head.safetensors")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a previous export in OUT (files the export does not write are never deleted)")
     return parser.parse_args(argv)

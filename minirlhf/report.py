@@ -31,7 +31,7 @@ def read_metrics(path: str) -> list[dict]:
     return rows
 
 
-def plot_curve(metrics: list[dict], path: str, kl_target: float | None = None) -> None:
+def plot_curve(metrics: list[dict], path: str, kl_target: float | None = None, algorithm: str = "ppo") -> None:
     """reward.png: reward mean (with +-std band, and the --eval-every points) and KL per step, one panel each."""
     import matplotlib
 
@@ -50,11 +50,11 @@ def plot_curve(metrics: list[dict], path: str, kl_target: float | None = None) -
     if points:
         ax1.plot([m["step"] for m in points], [m["eval/reward_mean"] for m in points], "o-", color="tab:green",
                  label="eval reward (held-out prompts)")
-    ax1.set_xlabel("PPO step"), ax1.set_ylabel("reward"), ax1.legend(loc="lower right"), ax1.grid(alpha=0.3)
+    ax1.set_xlabel(f"{algorithm.upper()} step"), ax1.set_ylabel("reward"), ax1.legend(loc="lower right"), ax1.grid(alpha=0.3)
     ax2.plot(steps, kl, color="tab:red", label="KL(policy || reference) per sequence")
     if kl_target:
         ax2.axhline(kl_target, color="gray", linestyle="--", label=f"KL target {kl_target:g}")
-    ax2.set_xlabel("PPO step"), ax2.set_ylabel("KL (nats)"), ax2.legend(loc="upper left"), ax2.grid(alpha=0.3)
+    ax2.set_xlabel(f"{algorithm.upper()} step"), ax2.set_ylabel("KL (nats)"), ax2.legend(loc="upper left"), ax2.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -65,12 +65,12 @@ def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def samples_markdown(before: dict, after: dict, judges: list[str]) -> str:
+def samples_markdown(before: dict, after: dict, judges: list[str], algorithm: str = "ppo") -> str:
     """The before/after table on the fixed eval prompts, as in the trlX sentiment write-up."""
     head = "| prompt | before | " + " | ".join(f"{j} before" for j in judges) + " | after | " + \
            " | ".join(f"{j} after" for j in judges) + " |"
     rule = "|" + "---|" * (3 + 2 * len(judges))
-    lines = ["# Samples before and after PPO", "", "Same prompts, same sampling seed, adapters off "
+    lines = [f"# Samples before and after {algorithm.upper()}", "", "Same prompts, same sampling seed, adapters off "
              "(before) and trained (after).", "", head, rule]
     for i, prompt in enumerate(before["prompts"]):
         b = [f"{before['scores'][j][i]:+.2f}" for j in judges]

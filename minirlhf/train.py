@@ -293,8 +293,8 @@ def write_artifacts(cfg: TrainConfig, job: Job, before: dict, after: dict, secon
     write_tokenizer(job.trainer.tokenizer, resolve(model_path(cfg)), job.out)  # python -m minirlhf.export reads it next to adapter/
     if job.trainer.value_head is not None:
         resume.save_value_head(job.trainer.value_head, os.path.join(job.out, resume.VALUE_HEAD_FILE))
-    plot_curve(metrics, os.path.join(job.out, "reward.png"), summary["kl_target"])
-    samples = samples_markdown(before, after, list(job.judges))
+    plot_curve(metrics, os.path.join(job.out, "reward.png"), summary["kl_target"], cfg.algorithm.algorithm)
+    samples = samples_markdown(before, after, list(job.judges), cfg.algorithm.algorithm)
     write_text(os.path.join(job.out, "samples.md"), samples)
     tracker.text("samples", samples, cfg.run.steps)  # the before/after table, as text
     write_text(os.path.join(job.out, "summary.json"), json.dumps(summary, indent=2))
