@@ -568,7 +568,8 @@ save_model(model, os.path.join(folder, "m"), tokenizer_folder=lm)
 del model
 open("/proc/self/clear_refs", "w").write("5")  # forget the peak of building it
 run(TrainConfig.from_flags(model=os.path.join(folder, "m"), reward="vader", steps=1, batch_size=2, mini_batch_size=1,
-                ppo_epochs=1, eval_size=2, min_new_tokens=2, max_new_tokens=4, out=os.path.join(folder, "run")),
+                ppo_epochs=1, eval_size=2, min_new_tokens=2, max_new_tokens=4, out=os.path.join(folder, "run"),
+                algorithm="ppo"),
     progress=False)
 print([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1])
 """

@@ -82,7 +82,8 @@ def runtime_mb(tmp_path_factory):
     init_weights(model)
     save_model(model, str(folder / "m"), tokenizer_folder=DEFAULT_LM)
     bare = peak_rss_mb(dict(model=str(folder / "m"), reward="vader", steps=1, batch_size=2, mini_batch_size=1,
-                            ppo_epochs=1, eval_size=2, min_new_tokens=2, max_new_tokens=4, out=str(folder / "run")),
+                            ppo_epochs=1, eval_size=2, min_new_tokens=2, max_new_tokens=4, out=str(folder / "run"),
+                            algorithm="ppo"),
                        folder)
     assert abs(measure_runtime_mb() - bare) <= 5, bare
     return bare
