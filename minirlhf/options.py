@@ -435,7 +435,8 @@ class TrainConfig:
         return tuple(name for name in RESUME_MAY_DIFFER if name != "steps")
 
     def resolved(self) -> dict:
-        """flags() with --device and --dtype as this machine resolves them ("auto" -> what it chose)."""
+        """flags() with --device and --dtype as this machine resolves them ("auto" -> what it chose), and
+        --group-size's K."""
         device, dtype = self.device()
         return {**self.flags(), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                 "group_size": self.algorithm.group()}

@@ -100,9 +100,9 @@ class Job:
 def run(cfg: TrainConfig, progress: bool = True) -> dict:
     """Train; returns summary.json's content ({"plan": ...} with --plan-memory, which loads no weights)."""
     cfg.validate()
-    cfg = follow_stored_quantization(cfg)
     if cfg.run.plan_memory:
-        return plan_only(cfg)
+        return plan_only(cfg)  # plan_for follows a 4-bit folder's quantization itself
+    cfg = follow_stored_quantization(cfg)
     out, checkpoint = run_folder(cfg)
     job = build(cfg, out, checkpoint)
     before = restore_or_evaluate_before(cfg, job)
