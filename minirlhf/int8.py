@@ -32,17 +32,14 @@ import os
 import torch
 import torch.nn as nn
 
-from minirlhf.kernels import reference
+from minirlhf.kernels import reference, use_triton
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _linear_forward(x, weight, weight_scale, bias, threshold):
     """Pick the backend for this call: env override, else Triton on CUDA and torch on CPU."""
-    backend = os.environ.get("MINIRLHF_INT8_BACKEND", "").strip().lower()
-    if backend not in ("", "triton", "torch"):
-        raise ValueError(f"MINIRLHF_INT8_BACKEND must be 'triton' or 'torch', got {backend!r}")
-    if backend == "triton" or (backend == "" and x.is_cuda):
+    if use_triton(x, "MINIRLHF_INT8_BACKEND"):
         from minirlhf.kernels.int8_matmul import triton_int8_linear  # triton is imported only when used
 
         return triton_int8_linear(x, weight, weight_scale, bias, threshold)

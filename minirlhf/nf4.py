@@ -24,13 +24,12 @@ CPU tensors, which is how the tests check it).
 .to(torch.bfloat16) casts the bias only: the uint8 tensors are not floats and _apply keeps absmax, nested_absmax
 and offset in fp32. load_state_dict refuses a float "weight": quantize with from_weight / from_linear.
 """
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minirlhf.kernels import nf4_reference as R
+from minirlhf.kernels import nf4_reference as R, use_triton
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FP32_STATE = ("nested_absmax", "offset")
@@ -43,14 +42,6 @@ def _dequantize(weight, absmax, nested_absmax, offset, shape, blocksize, quant_t
     return R.dequantize_4bit_pairs(weight, absmax, shape, blocksize, quant_type, dtype)  # = dequantize_4bit, faster
 
 
-def _use_triton(x) -> bool:
-    """Triton for CUDA tensors, PyTorch for CPU ones, unless MINIRLHF_NF4_BACKEND says which."""
-    backend = os.environ.get("MINIRLHF_NF4_BACKEND", "").strip().lower()
-    if backend not in ("", "triton", "torch"):
-        raise ValueError(f"MINIRLHF_NF4_BACKEND must be 'triton' or 'torch', got {backend!r}")
-    return backend == "triton" or (backend == "" and x.is_cuda)
-
-
 class NF4LinearFunction(torch.autograd.Function):
     """y = x @ W^T + b with W dequantized in compute dtype; dL/dx = dL/dy @ W; no grad for the stored tensors."""
 
@@ -59,7 +50,7 @@ class NF4LinearFunction(torch.autograd.Function):
         shape, blocksize, quant_type, compute_dtype = meta
         ctx.meta = meta
         ctx.save_for_backward(weight, absmax, nested_absmax, offset)
-        if _use_triton(x):
+        if use_triton(x, "MINIRLHF_NF4_BACKEND"):
             from minirlhf.kernels.nf4_matmul import triton_nf4_linear  # triton is imported only when used
 
             y = triton_nf4_linear(x.to(compute_dtype), weight, absmax, nested_absmax, offset, shape, blocksize,
@@ -74,7 +65,7 @@ class NF4LinearFunction(torch.autograd.Function):
         weight, absmax, nested_absmax, offset = ctx.saved_tensors
         shape, blocksize, quant_type, compute_dtype = ctx.meta
         grad_x = None
-        if ctx.needs_input_grad[0] and _use_triton(grad_out):
+        if ctx.needs_input_grad[0] and use_triton(grad_out, "MINIRLHF_NF4_BACKEND"):
             from minirlhf.kernels.nf4_matmul import triton_nf4_grad_input
 
             grad_x = triton_nf4_grad_input(grad_out.to(compute_dtype), weight, absmax, nested_absmax, offset, shape,
