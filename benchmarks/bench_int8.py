@@ -10,12 +10,15 @@ warmup (wall clock on CPU; torch.cuda.synchronize around each run on a GPU). Act
 standard normal with a few planted outlier feature columns (x30, --outliers, default 4), as in real
 LLMs, so the mixed-precision decomposition is exercised, not skipped.
 
-CPU: ours = the PyTorch reference (torch backend). Its int8 GEMM is torch._int_mm when the CPU has
-AVX512-VNNI/AMX int8 (oneDNN), else an fp32 GEMM on the int8 codes (see kernels/reference.py); the
-header names the CPU, its int8 and bf16 instructions, and which GEMM ran. bitsandbytes' CPU int8 always
-calls torch._int_mm, which without VNNI is a scalar loop. Two tables:
+CPU: ours = Int8Linear as a run uses it (the module, autograd off). Where the CPU has AVX512-VNNI/AMX int8
+its GEMM is oneDNN's prepacked int8 GEMM with the weight scales in its epilogue (kernels/onednn_int8.py);
+elsewhere the PyTorch reference's fp32 GEMM on the int8 codes (kernels/reference.py). The reference with
+torch._int_mm (MINIRLHF_INT8_BACKEND=torch) is timed beside it. The header names the CPU, its int8 and bf16
+instructions, and which GEMM ran. bitsandbytes' CPU int8 always calls torch._int_mm, which without VNNI is
+a scalar loop. Two tables:
   forward                 fp32 and bf16 F.linear, raw torch._int_mm on already-quantized codes (the floor
-                          for any LLM.int8() layer), ours, bitsandbytes (eval mode)
+                          for any LLM.int8() layer), ours with fp32 and bf16 activations, the reference,
+                          bitsandbytes (eval mode; fp32 activations, which it casts to fp16)
   forward + input grad    what a frozen base under LoRA costs per layer in training: F.linear in fp32 and
                           bf16 against Int8Linear with fp32 and bf16 activations (its backward path, from
                           int8.backward_path, named in the row) GPU: ours = the Triton kernels, fp16 activations, against fp16/bf16 F.linear and bitsandbytes.
@@ -33,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from minirlhf import cpu
-from minirlhf.int8 import Int8Linear, backward_path
-from minirlhf.kernels import reference
+from minirlhf.int8 import Int8Linear, backward_path, uses_onednn
+from minirlhf.kernels import onednn_int8, reference
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
@@ -122,16 +125,20 @@ def cpu_default_shapes(quick):
 
 
 def bench_cpu(shapes, n_outliers, quick, bnb):
-    if reference.CPU_FAST_INT_MM:
-        gemm = "torch._int_mm (oneDNN int8)"
+    probe = torch.empty(0)
+    if uses_onednn(probe):
+        gemm = "oneDNN's prepacked int8 GEMM (kernels/onednn_int8.py)"
+    elif reference.CPU_FAST_INT_MM:
+        gemm = "torch._int_mm (MINIRLHF_INT8_BACKEND=torch)"
     else:
         gemm = "fp32 GEMM on int8 codes (no AVX512-VNNI/AMX)"
     print(f"## CPU: {cpu.describe()}\n\n{torch.get_num_threads()} threads, capability "
           f"{torch.backends.cpu.get_cpu_capability()}, our int8 GEMM = {gemm}, {n_outliers} planted outlier columns\n")
     print("### Forward\n")
-    print("| M x K -> N | fp32 F.linear ms | bf16 F.linear ms | raw torch._int_mm ms | ours int8 ms | bnb int8 ms "
-          "| ours / raw _int_mm | ours speedup vs bf16 | ours speedup vs bnb |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| M x K -> N | fp32 F.linear ms | bf16 F.linear ms | raw torch._int_mm ms | ours, fp32 x ms | ours, bf16 x ms "
+          "| reference (torch backend), fp32 x ms | bnb int8 ms | ours bf16 x / raw _int_mm | ours bf16 x vs bf16 F.linear "
+          "| ours fp32 x vs bnb |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     repeats = 5 if quick else 10
     layers, backward_rows = {}, []
     for M, K, N in shapes:
@@ -143,7 +150,11 @@ def bench_cpu(shapes, n_outliers, quick, bnb):
         t_fp32 = median_ms(lambda: F.linear(x, w, b), repeats=repeats)
         t_bf16 = median_ms(lambda: F.linear(xb, wb, b.bfloat16()), repeats=repeats)
         t_raw = median_ms(lambda: torch._int_mm(x_int8, w_int8.t()), repeats=repeats) if M > 16 else None
-        t_ours = median_ms(lambda: reference.int8_linear(x, w_int8, w_scale, b, 6.0), repeats=repeats)
+        ours, ours_bf16 = Int8Linear.from_weight(w, b), Int8Linear.from_weight(w, b).to(torch.bfloat16)
+        with torch.no_grad():
+            t_ours = median_ms(lambda: ours(x), repeats=repeats)
+            t_ours_bf16 = median_ms(lambda: ours_bf16(xb), repeats=repeats)
+        t_ref = median_ms(lambda: reference.int8_linear(x, w_int8, w_scale, b, 6.0), repeats=repeats)
         t_bnb = None
         if bnb is not None:
             if (K, N) not in layers:
@@ -152,9 +163,10 @@ def bench_cpu(shapes, n_outliers, quick, bnb):
             with torch.no_grad():
                 t_bnb = median_ms(lambda: layer(x), warmup=1, repeats=repeats)
         vs_bnb = None if t_bnb is None else t_bnb / t_ours
-        vs_raw = None if t_raw is None else t_ours / t_raw
-        print(f"| {M} x {K} -> {N} | {t_fp32:.2f} | {t_bf16:.2f} | {fmt(t_raw)} | {t_ours:.2f} | {fmt(t_bnb)} | "
-              f"{fmt(vs_raw)}{'x' if vs_raw else ''} | {t_bf16 / t_ours:.2f}x | {fmt(vs_bnb)}{'x' if vs_bnb else ''} |")
+        vs_raw = None if t_raw is None else t_ours_bf16 / t_raw
+        print(f"| {M} x {K} -> {N} | {t_fp32:.2f} | {t_bf16:.2f} | {fmt(t_raw)} | {t_ours:.2f} | {t_ours_bf16:.2f} "
+              f"| {t_ref:.2f} | {fmt(t_bnb)} | {fmt(vs_raw)}{'x' if vs_raw else ''} | {t_bf16 / t_ours_bf16:.2f}x "
+              f"| {fmt(vs_bnb)}{'x' if vs_bnb else ''} |")
         if M > 1:
             backward_rows.append(forward_backward_row(M, K, N, w, b, x, repeats))
     print()
@@ -187,18 +199,23 @@ def forward_backward_row(M, K, N, w, b, x, repeats):
 
 
 def bench_cpu_breakdown(M, K, N, n_outliers):
-    """Where our CPU time goes at one shape: quantize activations / int8 GEMM / dequantize."""
+    """Where our CPU forward's time goes at one shape: quantize activations / int8 GEMM / the rest (token scales,
+    bias, outlier columns, the cast back)."""
     x = activations(M, K, n_outliers, torch.float32, "cpu")
-    w_int8, w_scale = reference.quantize_weight(torch.randn(N, K))
-    b = torch.randn(N)
+    layer = Int8Linear.from_weight(torch.randn(N, K), torch.randn(N))
     x_int8, row_scale, cols = reference.quantize_rows(x, 6.0)
-    acc = reference.int8_matmul(x_int8, w_int8)
+    if uses_onednn(x):
+        packed = layer.packed_weight()
+        name, gemm = "oneDNN int8 GEMM + weight scales", lambda: onednn_int8.gemm(x_int8, packed)
+    else:
+        name, gemm = "int8 GEMM", lambda: reference.int8_matmul(x_int8, layer.weight)
     t_quant = median_ms(lambda: reference.quantize_rows(x, 6.0))
-    t_gemm = median_ms(lambda: reference.int8_matmul(x_int8, w_int8))
-    t_all = median_ms(lambda: reference.int8_linear(x, w_int8, w_scale, b, 6.0))
-    print(f"Breakdown of ours at {M} x {K} -> {N}: quantize {t_quant:.2f} ms, int8 GEMM {t_gemm:.2f} ms, "
-          f"dequant + bias + {cols.numel()} outlier columns {t_all - t_quant - t_gemm:.2f} ms, total {t_all:.2f} ms "
-          f"(acc {tuple(acc.shape)} {acc.dtype})\n")
+    t_gemm = median_ms(gemm)
+    with torch.no_grad():
+        t_all = median_ms(lambda: layer(x))
+    print(f"Breakdown of ours at {M} x {K} -> {N} (fp32 x): quantize {t_quant:.2f} ms, {name} {t_gemm:.2f} ms, "
+          f"token scales + bias + {cols.numel()} outlier columns {t_all - t_quant - t_gemm:.2f} ms, "
+          f"total {t_all:.2f} ms\n")
 
 
 # ---------------------------------------------------------------------------------------------

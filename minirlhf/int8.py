@@ -15,10 +15,12 @@ more int8 GEMM (SwitchBack).
 Behaviour worth knowing
   * Same int8 path in train() and eval(). (bitsandbytes on CPU silently switches to
     dequantize-then-float-matmul in train mode; we don't, so what you train is what you run.)
-  * Backend: Triton kernels for CUDA tensors, the PyTorch reference for CPU tensors.
-    MINIRLHF_INT8_BACKEND=triton|torch forces one (read on every call); MINIRLHF_INT8_SWITCHBACK=0
-    turns the int8 GEMM of fp32 gradients off (input_grad's "fp32" path instead). With TRITON_INTERPRET=1
-    the Triton kernels also run on CPU tensors (slowly; that is how the tests check them).
+  * Backend: Triton kernels for CUDA tensors; for CPU tensors oneDNN's prepacked int8 GEMM where the CPU
+    has int8 units (kernels/onednn_int8.py: the layer keeps a packed copy of its codes, one more byte per
+    weight, made on the first forward), else the PyTorch reference. MINIRLHF_INT8_BACKEND=triton|torch|onednn
+    forces one (read on every call); MINIRLHF_INT8_SWITCHBACK=0 turns the int8 GEMM of fp32 gradients off
+    (input_grad's "fp32" path instead). With TRITON_INTERPRET=1 the Triton kernels also run on CPU tensors
+    (slowly; that is how the tests check them).
   * .to(torch.bfloat16) / .half() cast the bias like any float parameter, leave the int8 weight
     alone (not a float), and keep weight_scale in fp32: _apply restores it, because a bf16
     scale would put a 0.4% error on every output.
@@ -32,33 +34,47 @@ import os
 import torch
 import torch.nn as nn
 
-from minirlhf.kernels import reference, use_triton
+from minirlhf.kernels import backend, onednn_int8, reference
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_BACKENDS = ("triton", "torch", "onednn")
 
 
-def _linear_forward(x, weight, weight_scale, bias, threshold):
-    """Pick the backend for this call: env override, else Triton on CUDA and torch on CPU."""
-    if use_triton(x, "MINIRLHF_INT8_BACKEND"):
+def uses_onednn(x: torch.Tensor) -> bool:
+    """Whether oneDNN's prepacked GEMM runs this CPU call: by default where the CPU has int8 units, or when
+    MINIRLHF_INT8_BACKEND=onednn asks for it (any x86 CPU computes it right, without int8 units slowly)."""
+    choice = backend(x, "MINIRLHF_INT8_BACKEND", _BACKENDS)
+    if choice == "onednn" and x.device.type != "cpu":
+        raise ValueError(f"MINIRLHF_INT8_BACKEND=onednn runs CPU tensors only, got one on {x.device}")
+    return choice == "onednn" or (choice == "" and reference.int8_units(x) and onednn_int8.available())
+
+
+def _linear_forward(x, weight, weight_scale, bias, threshold, packed=None):
+    """Run this call on its backend: Triton (CUDA, or the env override), oneDNN when the caller packed the
+    weight for it (Int8Linear does, see uses_onednn), else the PyTorch reference."""
+    if backend(x, "MINIRLHF_INT8_BACKEND", _BACKENDS) == "triton":
         from minirlhf.kernels.int8_matmul import triton_int8_linear  # triton is imported only when used
 
         return triton_int8_linear(x, weight, weight_scale, bias, threshold)
+    if packed is not None:
+        return onednn_int8.int8_linear(x, packed, weight, weight_scale, bias, threshold)
     return reference.int8_linear(x, weight, weight_scale, bias, threshold)
 
 
 class Int8LinearFunction(torch.autograd.Function):
-    """y = int8_linear(x, W8, s_w, b); dL/dx = dL/dy @ dequantize(W8, s_w); no grad for W8, s_w, b."""
+    """y = int8_linear(x, W8, s_w, b); dL/dx = dL/dy @ dequantize(W8, s_w); no grad for W8, s_w, b.
+    `packed` is W8 packed for oneDNN (onednn_int8.PackedWeight), or None where another backend runs."""
 
     @staticmethod
-    def forward(ctx, x, weight, weight_scale, bias, threshold):
+    def forward(ctx, x, weight, weight_scale, bias, threshold, packed=None):
         ctx.save_for_backward(weight, weight_scale)
-        return _linear_forward(x, weight, weight_scale, bias, threshold)
+        return _linear_forward(x, weight, weight_scale, bias, threshold, packed)
 
     @staticmethod
     def backward(ctx, grad_out):
         weight, weight_scale = ctx.saved_tensors
         grad_x = input_grad(grad_out, weight, weight_scale) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, None, None
+        return grad_x, None, None, None, None, None
 
 
 def backward_path(grad_out: torch.Tensor) -> str:
@@ -93,7 +109,7 @@ def input_grad(grad_out: torch.Tensor, weight: torch.Tensor, weight_scale: torch
         unit = torch.full((weight.shape[1],), reference.INT8_MAX, device=weight.device)  # [K]: s / 127 = 1
         return _linear_forward(g, weight.t(), unit, None, 0.0)  # [..., K] fp32
     if path == "half":
-        g = (grad_out.float() * (weight_scale / reference.INT8_MAX)).to(grad_out.dtype)
+        g = torch.mul(grad_out, weight_scale / reference.INT8_MAX).to(grad_out.dtype)  # scaled in fp32 (promoted)
         return g @ weight.to(grad_out.dtype)  # [..., N] @ [N, K]: the codes are exact in bf16 and fp16
     return grad_out @ reference.dequantize_weight(weight, weight_scale)  # fp32 [..., N] @ [N, K]
 
@@ -116,6 +132,7 @@ class Int8Linear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        self._packed = None  # onednn_int8.PackedWeight, made by the first forward that runs on oneDNN
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, threshold: float = 6.0):
@@ -156,7 +173,15 @@ class Int8Linear(nn.Module):
             raise ValueError(f"Int8Linear expects {self.in_features} input features, got x of shape {tuple(x.shape)}")
         if x.dtype not in _SUPPORTED_DTYPES:
             raise TypeError(f"Int8Linear expects a float32, bfloat16 or float16 input, got {x.dtype}")
-        return Int8LinearFunction.apply(x, self.weight, self.weight_scale, self.bias, self.threshold)
+        packed = self.packed_weight() if uses_onednn(x) else None
+        return Int8LinearFunction.apply(x, self.weight, self.weight_scale, self.bias, self.threshold, packed)
+
+    def packed_weight(self) -> onednn_int8.PackedWeight:
+        """The codes packed for oneDNN: made on first use, remade when the weight or its scales change
+        (load_state_dict, any in-place write; a write through .data bypasses the version counter)."""
+        if self._packed is None or self._packed.source != onednn_int8.source_of(self.weight, self.weight_scale):
+            self._packed = onednn_int8.pack(self.weight, self.weight_scale)
+        return self._packed
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) / .half() / .bfloat16() cast every float buffer; keep the scales fp32.
@@ -164,7 +189,12 @@ class Int8Linear(nn.Module):
         super()._apply(fn, recurse)
         if self.weight_scale.dtype != torch.float32:
             self.weight_scale = scale.to(device=self.weight_scale.device)
+        self._packed = None  # moved or cast: pack again on the next oneDNN forward
         return self
+
+    def __getstate__(self):
+        # copy.deepcopy / pickle: oneDNN's packed tensor is opaque (it cannot be copied); the copy packs anew
+        return {**super().__getstate__(), "_packed": None}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         w = state_dict.get(prefix + "weight")
@@ -184,6 +214,7 @@ def memory_report(model: nn.Module) -> dict:
     """Bytes held by a model, split by what they are (each tensor counted once, even if shared).
 
     int8_weights            int8 parameters (Int8Linear.weight)
+    int8_packed             oneDNN's packed copies of them (CPUs with int8 units, after a first forward)
     int8_scales             Int8Linear.weight_scale buffers
     float_params_trainable  other parameters with requires_grad (e.g. LoRA adapters)
     float_params_frozen     other parameters without it (embeddings, norms, biases, ...)
@@ -193,7 +224,8 @@ def memory_report(model: nn.Module) -> dict:
     int8_params             number of int8 parameters (so bytes per int8 parameter = 1)
     """
     scale_ids = {id(m.weight_scale) for m in model.modules() if isinstance(m, Int8Linear)}
-    report = dict(int8_weights=0, int8_scales=0, float_params_trainable=0, float_params_frozen=0, other_buffers=0)
+    report = dict(int8_weights=0, int8_packed=0, int8_scales=0, float_params_trainable=0, float_params_frozen=0,
+                  other_buffers=0)
     int8_params = 0
     for p in model.parameters():  # parameters() already skips shared (tied) parameters
         nbytes = p.numel() * p.element_size()
@@ -207,8 +239,11 @@ def memory_report(model: nn.Module) -> dict:
     for b in model.buffers():  # also deduplicated
         nbytes = b.numel() * b.element_size()
         report["int8_scales" if id(b) in scale_ids else "other_buffers"] += nbytes
+    for m in model.modules():  # the packed copy is an opaque oneDNN tensor: its codes, one byte each
+        if isinstance(m, Int8Linear) and m._packed is not None:
+            report["int8_packed"] += m.weight.numel()
     report["float_params"] = report["float_params_trainable"] + report["float_params_frozen"]
-    report["total"] = (report["int8_weights"] + report["int8_scales"] + report["float_params"]
+    report["total"] = (report["int8_weights"] + report["int8_packed"] + report["int8_scales"] + report["float_params"]
                        + report["other_buffers"])
     report["int8_params"] = int8_params
     return report
@@ -216,7 +251,7 @@ def memory_report(model: nn.Module) -> dict:
 
 def format_memory_report(report: dict) -> str:
     """A small fixed-width table of memory_report(model)."""
-    rows = ["int8_weights", "int8_scales", "float_params_trainable", "float_params_frozen", "other_buffers", "total"]
+    rows = ["int8_weights", "int8_packed", "int8_scales", "float_params_trainable", "float_params_frozen", "other_buffers", "total"]
     total = max(report["total"], 1)
     lines = [f"{'component':<24}{'bytes':>16}{'MiB':>11}{'share':>8}"]
     for name in rows:

@@ -16,6 +16,8 @@ Held for the whole run
     int8 weights      every block's query_key_value, attention.dense, dense_h_to_4h, dense_4h_to_h:
                       L * (4C^2 + 2CF) params * 1 byte                          (int8.py)
     int8 row scales   one fp32 absmax per output row: L * (5C + F) * 4 bytes
+    int8 packed copy  on a CPU with int8 units, oneDNN's prepacked copy of the codes (kernels/onednn_int8.py,
+                      made by each layer's first forward): the int8 weights once more
     or, in 4 bits (--quantization nf4|fp4, nf4.py: blocks of 64, double quantization), n = L * (4C^2 + 2CF):
     4-bit weights     two codes per byte: n / 2 bytes
     4-bit absmax      one per 64-block: uint8 codes n / 64 bytes, and per layer one fp32 nested absmax per
@@ -24,6 +26,8 @@ Held for the whole run
     code books        NF4's (or FP4's) 16 fp32 values and the 256-value dynamic map, shared by every layer
     float parts       embed_in [V, C] and embed_out [V, C] (once if tied), LayerNorms, biases, in s
                       bytes: checkpoint.py keeps them in floating point, as load_in_8bit does
+    head packed copy  on a CPU in bf16, the frozen head's weight packed for oneDNN (kernels/onednn_linear.py):
+                      V * C * 2 bytes more
     LoRA A, B         r * (in + out) per adapted layer, fp32 whatever the base (lora.py)
     AdamW state       exp_avg + exp_avg_sq: 2 * 4 bytes per trainable parameter (LoRA + value head)
     value head        Linear(C, 1), fp32: PPO only (--algorithm rloo / grpo have none; their K samples per
@@ -103,7 +107,8 @@ from . import cpu
 from .checkpoint import resolve, stored_quantization
 from .config import ConfigError, NeoXConfig
 from .embedded import DEFAULT_DIR
-from .int8 import Int8Linear
+from .int8 import Int8Linear, uses_onednn
+from .kernels import onednn_linear
 from .kernels.nf4_reference import CHUNK
 from .lora import add_lora, lora_modules, parse_targets
 from .model_tree import format_tree
@@ -338,7 +343,7 @@ def plan_memory(config: NeoXConfig, cfg, file_bytes: int = 0, budget: tuple[floa
     runtime = RUNTIME_CPU_MB * MB if on_cpu else 0.0  # a constant, not the run's tensors
     n_params = pb["quantized_params"] + (pb["embeddings"] + pb["other_float"]) // z.s  # what the file holds
     rows = Rows()
-    held_rows(rows, z, pb, cfg, config, dtype_name, reward, aliased, runtime)
+    held_rows(rows, z, pb, cfg, config, dtype_name, reward, aliased, runtime, on_cpu)
     loading_rows(rows, z, pb, n_params, quant, on_cpu, aliased)
     generation_rows(rows, z, pb, quant, on_cpu)
     update_rows(rows, z, pb, cfg, config, model, device)
@@ -355,18 +360,23 @@ def value_head_params(cfg, config) -> int:
     return config.hidden_size + 1 if cfg.algorithm.algorithm == "ppo" else 0
 
 
-def held_rows(rows, z: Sizes, pb, cfg, config, dtype_name, reward, aliased, runtime) -> None:
+def held_rows(rows, z: Sizes, pb, cfg, config, dtype_name, reward, aliased, runtime, on_cpu: bool) -> None:
     """What the run holds from start to end: weights, adapters, optimizer state, the reward model."""
     n_quant, quant = pb["quantized_params"], cfg.base.quantized()
     if quant == "int8":
         rows.add("held", "int8 weights (blocks' linear layers)", f"{n_quant / 1e6:,.1f}M params x 1 B", pb["quantized"])
         rows.add("held", "int8 row scales", f"{z.L} x (5C + F) x fp32", pb["scales"])
+        if on_cpu and uses_onednn(torch.empty(0)):
+            rows.add("held", "int8 weights packed for oneDNN (CPU int8 units)", f"{n_quant / 1e6:,.1f}M params x 1 B",
+                     pb["quantized"])
     elif quant != "none":
         four_bit_held_rows(rows, pb, quant)
     rows.add("held", f"float parts: embeddings + head ({dtype_name})",
              f"[{z.V}, {z.C}] x {1 if config.tie_word_embeddings else 2}", pb["embeddings"])
     rows.add("held", f"float parts: norms, biases{', linear layers' if quant == 'none' else ''} ({dtype_name})",
              f"{(pb['other_float'] // z.s) / 1e6:,.2f}M params", pb["other_float"])
+    if on_cpu and dtype_name == "bfloat16" and onednn_linear.available():
+        rows.add("held", "output head packed for oneDNN (CPU, bf16)", f"[{z.V}, {z.C}] x 2 B", 2 * z.V * z.C)
     rows.add("held", "LoRA A, B (fp32)", f"{pb['lora_params'] / 1e6:,.2f}M params, r={cfg.lora.lora_r}", pb["lora"])
     rows.add("held", "AdamW state (exp_avg, exp_avg_sq)", f"2 x {z.trainable / 1e6:,.2f}M x fp32", 8 * z.trainable)
     if value_head_params(cfg, config):

@@ -48,6 +48,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ACTIVATIONS, NeoXConfig
+from .kernels.onednn_linear import PackedHead
 
 
 @dataclass
@@ -226,7 +227,8 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.gpt_neox = GPTNeoX(config)
-        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # nn.Linear; a frozen bf16 head on a CPU multiplies with its weight packed once (kernels/onednn_linear.py)
+        self.embed_out = PackedHead(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.embed_out.weight = self.gpt_neox.embed_in.weight
 

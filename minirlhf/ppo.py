@@ -187,11 +187,16 @@ class _TokenLogprobs(torch.autograd.Function):
         logprobs, lse, entropy = (torch.empty(R, dtype=dtype, device=logits.device) for _ in range(3))
         for rows in _chunks(R, V):
             z = _scaled(logits[rows], temperature)  # [r, V]
-            m = torch.logsumexp(z, dim=-1)  # [r]
+            peak = z.amax(dim=-1, keepdim=True)  # [r, 1]
+            shifted = z - peak  # <= 0: exp cannot overflow
+            e = shifted.exp()  # [r, V], the one exp of the chunk: softmax = e / total
+            total = e.sum(dim=-1)  # [r], >= 1
+            m = peak.squeeze(-1) + total.log()  # log-sum-exp [r]
             lse[rows] = m
             logprobs[rows] = z.gather(-1, labels[rows, None]).squeeze(-1) - m
-            shifted = z - m[:, None]  # log-softmax [r, V]
-            entropy[rows] = -(shifted.exp() * shifted).sum(-1)  # -sum p log p: no cancellation against m
+            # entropy -sum p log p with p = e / total, log p = shifted - log total: both terms are relative to the
+            # peak, so nothing cancels against the size of the logits
+            entropy[rows] = total.log() - torch.linalg.vecdot(e, shifted) / total
         ctx.save_for_backward(logits, labels, lse)
         ctx.temperature = temperature
         ctx.mark_non_differentiable(entropy)

@@ -9,9 +9,11 @@ two agree within 2e-5 relative (measured 1.86e-5): the whole difference is its d
 rescaled by that constant they agree to fp32 rounding (measured 9e-8). On arbitrary fp32 inputs they
 legitimately differ by ~2e-3 (its fp16 cast; measured 1.9e-3 to 2.3e-3 without outliers).
 
-Both CPU GEMM paths run here whatever the CPU: reference.CPU_FAST_INT_MM (read from /proc/cpuinfo's
-avx512_vnni / amx_int8 flags at import) picks torch._int_mm or an fp32 GEMM on the integer codes, and
-the tests monkeypatch it both ways (torch._int_mm is exact on any x86 CPU, only slow without VNNI).
+All three CPU paths run here whatever the CPU: reference.CPU_FAST_INT_MM (read from /proc/cpuinfo's
+avx512_vnni / amx_int8 flags at import) says whether the CPU has int8 units; with them Int8Linear runs
+oneDNN's prepacked GEMM (kernels/onednn_int8.py; MINIRLHF_INT8_BACKEND=torch: the reference's torch._int_mm),
+without them an fp32 GEMM on the integer codes. The tests monkeypatch the flag and pin the backend for each
+path (torch._int_mm and oneDNN's int8 GEMM are exact on any x86 CPU, only slow without VNNI).
 """
 import logging
 
@@ -21,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from minirlhf.int8 import Int8Linear, format_memory_report, memory_report
+from minirlhf.int8 import Int8Linear, format_memory_report, memory_report, uses_onednn
+from minirlhf.kernels import onednn_int8
 from minirlhf.kernels import reference as R
 
 import bitsandbytes as bnb  # the oracle: bitsandbytes==0.50.2 from the [test] extra
@@ -71,11 +74,16 @@ BNB_DEQUANT = 6.200124e-05
 BNB_TOL = 2e-5
 
 
-@pytest.fixture(params=["int_mm", "fp32_gemm"])
+needs_onednn = pytest.mark.skipif(not onednn_int8.available(), reason="this torch build has no oneDNN int8 ops")
+
+
+@pytest.fixture(params=[pytest.param("onednn", marks=needs_onednn), "int_mm", "fp32_gemm"])
 def cpu_path(request, monkeypatch):
-    """Run on one CPU int8 GEMM path, whichever this CPU would pick: torch._int_mm (VNNI/AMX CPUs) or the
-    fp32 GEMM on the integer codes (elsewhere). Production reads the flag once, from /proc/cpuinfo."""
-    monkeypatch.setattr(R, "CPU_FAST_INT_MM", request.param == "int_mm")
+    """Run on one CPU int8 GEMM path, whichever this CPU would pick: oneDNN's prepacked GEMM (VNNI/AMX CPUs,
+    the default there), the reference's torch._int_mm (the same CPUs, MINIRLHF_INT8_BACKEND=torch) or the fp32
+    GEMM on the integer codes (elsewhere). Production reads the flag once, from /proc/cpuinfo."""
+    monkeypatch.setattr(R, "CPU_FAST_INT_MM", request.param != "fp32_gemm")
+    monkeypatch.setenv("MINIRLHF_INT8_BACKEND", "onednn" if request.param == "onednn" else "torch")
     return request.param
 
 
@@ -161,6 +169,7 @@ def test_both_cpu_paths_match_an_fp64_transcription(n_out, cpu_path):
 def test_both_cpu_paths_give_identical_codes_and_outputs(monkeypatch, dtype, n_out):
     """torch._int_mm and the fp32 GEMM on the codes compute the same exact integers (K = 256: every partial
     sum < 127^2 * 256 < 2^24), so every value after them is the same: outputs are bit-identical."""
+    monkeypatch.setenv("MINIRLHF_INT8_BACKEND", "torch")  # the reference's two GEMMs (oneDNN: the test below)
     layer = Int8Linear.from_linear(nn.Linear(256, 96)).to(dtype)
     x = planted(2, 17, 256, n_out=n_out).to(dtype)  # 34 token rows
     calls = []
@@ -182,6 +191,94 @@ def test_both_cpu_paths_give_identical_codes_and_outputs(monkeypatch, dtype, n_o
     for fast in (True, False):
         assert out[fast][0].dtype == torch.int32 and torch.equal(out[fast][0].long(), exact)
     assert out[True][1].dtype == dtype and torch.equal(out[True][1], out[False][1])
+
+
+# one ulp of an output dtype, relative: oneDNN and the reference round the same fp32 scale products in
+# another order, and a result that lands on the other side of a bf16/fp16 rounding boundary moves one ulp
+ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_out", [0, 8])
+def test_onednn_equals_the_reference(monkeypatch, dtype, n_out):
+    """oneDNN's GEMM is the same exact integer product; only the order of the fp32 scale multiplications
+    differs, so each output is within a few fp32 roundings of the reference's (at the output's scale: the bias
+    and the product can cancel; measured 6e-8 of the largest output) or one ulp of its dtype."""
+    layer = Int8Linear.from_linear(nn.Linear(256, 96)).to(dtype)
+    x = planted(2, 17, 256, n_out=n_out).to(dtype)
+    monkeypatch.setenv("MINIRLHF_INT8_BACKEND", "torch")
+    with torch.no_grad():
+        ref = layer(x)
+    monkeypatch.setenv("MINIRLHF_INT8_BACKEND", "onednn")
+    with torch.no_grad():
+        y = layer(x)
+    assert layer._packed is not None and y.dtype == dtype and y.shape == (2, 17, 96)
+    a = ref.float().abs()  # [2, 17, 96]
+    tol = ULP[dtype] * a + 2.0**-22 * a.max()  # one ulp of the dtype, or four fp32 roundings at the output scale
+    assert ((y.float() - ref.float()).abs() <= tol).all()
+    assert rel_err(y, ref) <= (1e-6 if dtype == torch.float32 else ULP[dtype])
+
+
+@needs_onednn
+def test_onednn_is_the_default_only_with_int8_units(monkeypatch):
+    x = torch.zeros(2, 8)
+    monkeypatch.delenv("MINIRLHF_INT8_BACKEND", raising=False)
+    for fast in (True, False):
+        monkeypatch.setattr(R, "CPU_FAST_INT_MM", fast)
+        assert uses_onednn(x) is fast
+    monkeypatch.setenv("MINIRLHF_INT8_BACKEND", "torch")
+    monkeypatch.setattr(R, "CPU_FAST_INT_MM", True)
+    assert not uses_onednn(x)
+    monkeypatch.setenv("MINIRLHF_INT8_BACKEND", "onednn")
+    monkeypatch.setattr(R, "CPU_FAST_INT_MM", False)
+    assert uses_onednn(x)  # forced: any x86 CPU computes it (slowly without VNNI)
+
+
+@needs_onednn
+def test_onednn_packs_once_and_again_after_the_weight_changes(monkeypatch):
+    monkeypatch.setenv("MINIRLHF_INT8_BACKEND", "onednn")
+    layer = Int8Linear.from_linear(nn.Linear(64, 40))
+    x = planted(7, 64, n_out=2)
+    packs = []
+    pack = onednn_int8.pack
+    monkeypatch.setattr(onednn_int8, "pack", lambda w, s: packs.append(1) or pack(w, s))
+    with torch.no_grad():
+        layer(x), layer(x)
+    assert len(packs) == 1  # made on the first forward, reused
+
+    other = Int8Linear.from_linear(nn.Linear(64, 40))
+    layer.load_state_dict(other.state_dict())  # in-place copies: the version counters move
+    with torch.no_grad():
+        y = layer(x)
+        y_other = other(x)
+    assert len(packs) == 3 and torch.equal(y, y_other)  # repacked (layer), and other's first pack
+
+    with torch.no_grad():
+        layer.weight_scale.mul_(2)  # the scales alone change: repacked too (they live in the packed epilogue)
+        y2 = layer(x)
+    assert len(packs) == 4 and rel_err(y2 - layer.bias, 2 * (y - layer.bias)) <= 1e-6
+
+    layer.to(torch.bfloat16)  # _apply drops the pack
+    assert layer._packed is None
+
+
+@needs_onednn
+def test_onednn_layer_deep_copies_and_reports_its_packed_bytes(monkeypatch):
+    import copy
+
+    monkeypatch.setenv("MINIRLHF_INT8_BACKEND", "onednn")
+    layer = Int8Linear.from_linear(nn.Linear(64, 32))
+    x = planted(5, 64, n_out=2)
+    assert memory_report(layer)["int8_packed"] == 0  # nothing packed before a forward
+    with torch.no_grad():
+        y = layer(x)
+    r = memory_report(layer)
+    assert r["int8_packed"] == 64 * 32 and r["total"] == 2 * 64 * 32 + 32 * 4 + 32 * 4
+    twin = copy.deepcopy(layer)  # an opaque oneDNN tensor cannot be copied: the copy packs anew
+    assert twin._packed is None
+    with torch.no_grad():
+        assert torch.equal(twin(x), y)
 
 
 @pytest.mark.parametrize("n_out", [0, 8])
@@ -347,7 +444,7 @@ def test_repr_and_env_validation(monkeypatch):
         layer(torch.zeros(2, 8))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", pytest.param("onednn", marks=needs_onednn)])
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
 def test_nan_and_inf_stay_in_their_rows(monkeypatch, backend):
     monkeypatch.setenv("MINIRLHF_INT8_BACKEND", backend)
@@ -401,6 +498,7 @@ def test_memory_report():
     model.register_buffer("position_ids", torch.arange(10))
     r = memory_report(model)
     assert r["int8_weights"] == 64 * 32  # one byte per parameter
+    assert r["int8_packed"] == 0  # no forward yet: nothing packed for oneDNN
     assert r["int8_params"] == 64 * 32
     assert r["int8_scales"] == 32 * 4
     assert r["float_params_trainable"] == (32 * 16 + 16) * 4

@@ -259,6 +259,40 @@ def test_rloo_and_grpo_plans_have_no_value_head(neox20b):
         assert rows == expected
 
 
+@pytest.mark.parametrize("int8_units", [True, False])
+def test_cpu_int8_plan_holds_onednns_packed_copy_with_int8_units(monkeypatch, int8_units):
+    """On a CPU with int8 units every Int8Linear keeps oneDNN's packed copy of its codes beside them
+    (kernels/onednn_int8.py): one more byte per int8 weight, held for the whole run; without them, no copy."""
+    from minirlhf.kernels import onednn_int8
+    from minirlhf.kernels import reference
+
+    monkeypatch.setattr(reference, "CPU_FAST_INT_MM", int8_units)
+    monkeypatch.delenv("MINIRLHF_INT8_BACKEND", raising=False)
+    rows = {r["name"]: r["plain"] for r in plan_for(TrainConfig.from_flags(quantization="int8", device="cpu"))["rows"]}
+    packed = rows.get("int8 weights packed for oneDNN (CPU int8 units)")
+    if int8_units and onednn_int8.available():
+        assert packed == rows["int8 weights (blocks' linear layers)"] > 0
+    else:
+        assert packed is None
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_cpu_bf16_plan_holds_the_packed_head(dtype):
+    """In bf16 on a CPU the frozen head keeps a copy of its weight packed for oneDNN (kernels/onednn_linear.py):
+    V * C * 2 bytes, the embedded default's [V, C]; fp32 runs multiply it plainly."""
+    from minirlhf.config import NeoXConfig
+    from minirlhf.embedded import DEFAULT_DIR
+    from minirlhf.kernels import onednn_linear
+
+    config = NeoXConfig.from_json(os.path.join(DEFAULT_DIR, "lm", "config.json"))
+    rows = {r["name"]: r["plain"] for r in plan_for(TrainConfig.from_flags(device="cpu", dtype=dtype))["rows"]}
+    packed = rows.get("output head packed for oneDNN (CPU, bf16)")
+    if dtype == "bfloat16" and onednn_linear.available():
+        assert packed == config.vocab_size * config.hidden_size * 2
+    else:
+        assert packed is None
+
+
 def test_gpt_neox_20b_plan_by_hand(neox20b):
     """Every row of the README's 20B plan printout, and its totals, against the arithmetic above."""
     plan = plan_for(TrainConfig.from_flags(model=neox20b, **SEED_20B))

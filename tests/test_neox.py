@@ -1,14 +1,18 @@
 """Our GPT-NeoX against transformers' on tiny random checkpoints that transformers saved itself."""
 
+import copy
 import json
 import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import minirlhf
 from minirlhf.generate import generate
+from minirlhf.kernels import onednn_linear
+from minirlhf.kernels.onednn_linear import PackedHead
 from minirlhf.neox import KVCache
 from tiny import hf_model, rewrite_config, save_hf
 
@@ -273,3 +277,46 @@ def test_loaded_model_is_frozen_eval_and_counts_tied_once(tmp_path):
     assert not model.training
     assert not any(p.requires_grad for p in model.parameters())
     assert model.embed_out.weight is model.gpt_neox.embed_in.weight
+
+
+needs_onednn_linear = pytest.mark.skipif(not onednn_linear.available(), reason="this torch build has no oneDNN linear")
+
+
+@needs_onednn_linear
+def test_packed_head_gives_f_linears_logits_and_gradient_bit_for_bit(monkeypatch):
+    """A frozen bf16 head on a CPU multiplies with its weight packed once (kernels/onednn_linear.py): the same
+    oneDNN kernel on the same layout as F.linear's, so the logits and the input gradient are bit-identical."""
+    torch.manual_seed(0)
+    head = PackedHead(64, 1000, bias=False).to(torch.bfloat16).requires_grad_(False)
+    packs = []
+    pack = onednn_linear.pack
+    monkeypatch.setattr(onednn_linear, "pack", lambda w: packs.append(1) or pack(w))
+    for shape in [(3, 64), (2, 5, 64), (1, 1, 64)]:
+        x = torch.randn(*shape).bfloat16().requires_grad_()
+        x_plain = x.detach().clone().requires_grad_()
+        y, y_plain = head(x), F.linear(x_plain, head.weight)
+        assert head._packed is not None and torch.equal(y, y_plain)
+        g = torch.randn_like(y)
+        y.backward(g), y_plain.backward(g)
+        assert torch.equal(x.grad, x_plain.grad)
+    assert len(packs) == 1  # packed on the first call, reused
+
+    with torch.no_grad():
+        head.weight.mul_(2)  # an in-place write moves the version counter: packed again
+        x = torch.randn(4, 64).bfloat16()
+        assert torch.equal(head(x), F.linear(x, head.weight)) and len(packs) == 2
+    assert head.packed_bytes() == 1000 * 64 * 2
+    twin = copy.deepcopy(head)  # the opaque packed tensor is not copied: the copy packs anew
+    assert twin._packed is None and torch.equal(twin(x), head(x))
+    head.float()  # cast: the pack is dropped, and fp32 runs plain F.linear
+    assert head._packed is None and torch.equal(head(x.float()), F.linear(x.float(), head.weight))
+    assert head._packed is None and head.packed_bytes() == 0
+
+
+@needs_onednn_linear
+def test_packed_head_trains_plainly_and_keeps_nn_linears_state_dict():
+    head = PackedHead(16, 40).to(torch.bfloat16)  # requires_grad: a trained head is never packed
+    x = torch.randn(3, 16).bfloat16()
+    head(x).sum().backward()
+    assert head._packed is None and head.weight.grad is not None and head.bias.grad is not None
+    assert set(head.state_dict()) == {"weight", "bias"}

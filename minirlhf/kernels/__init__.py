@@ -1,12 +1,20 @@
-"""The kernels: the PyTorch references (the spec, and the CPU path) and the Triton versions for CUDA tensors."""
+"""The kernels: the PyTorch references (the spec, and the CPU path), the Triton versions for CUDA tensors, and
+oneDNN's int8 GEMM for CPUs with int8 units."""
 
 import os
 
 
+def backend(x, variable: str, choices=("triton", "torch")) -> str:
+    """Which kernels the environment variable `variable` (MINIRLHF_INT8_BACKEND, MINIRLHF_NF4_BACKEND; read on
+    every call) asks for, one of `choices`; unset: "triton" for a CUDA tensor x, "" (the caller's CPU default)
+    for a CPU one."""
+    choice = os.environ.get(variable, "").strip().lower()
+    if choice and choice not in choices:
+        raise ValueError(f"{variable} must be " + " or ".join(repr(c) for c in choices) + f", got {choice!r}")
+    return choice or ("triton" if x.is_cuda else "")
+
+
 def use_triton(x, variable: str) -> bool:
-    """Whether the Triton kernels run this call: yes for CUDA tensors, no for CPU ones, unless the environment
-    variable `variable` (MINIRLHF_INT8_BACKEND, MINIRLHF_NF4_BACKEND; read on every call) says triton or torch."""
-    backend = os.environ.get(variable, "").strip().lower()
-    if backend not in ("", "triton", "torch"):
-        raise ValueError(f"{variable} must be 'triton' or 'torch', got {backend!r}")
-    return backend == "triton" or (backend == "" and x.is_cuda)
+    """Whether the Triton kernels run this call: yes for CUDA tensors, no for CPU ones, unless `variable` says
+    triton or torch."""
+    return backend(x, variable) == "triton"

@@ -110,7 +110,7 @@ def _round_to_int8(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
 
 
 def _round_codes(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
-    """round(x * (127 / absmax)) per row, as fp32 integers in [-127, 127]. x [R, C] fp32, absmax [R].
+    """round(x * (127 / absmax)) per row, as fp32 integers in [-127, 127]. x [R, C] float, absmax [R] fp32.
 
     A row with absmax 0 (all zeros) gets factor 0 instead of inf, so its codes are 0, not NaN.
     A row with a NaN absmax gets factor 0 too, and its NaN elements are set to code 0, so the codes
@@ -119,7 +119,7 @@ def _round_codes(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     # 127 * (1 / absmax), rounded twice: this is what bitsandbytes' `127.0 / absmax` computes
     # (torch evaluates scalar / tensor as reciprocal times scalar), and the Triton kernel copies it
     factor = torch.where(absmax > 0, absmax.reciprocal() * INT8_MAX, 0.0)  # [R]; 1/0 = inf is discarded
-    v = x * factor[:, None]  # [R, C] fp32, |v| <= 127 for every finite non-outlier element
+    v = x * factor[:, None]  # [R, C] fp32 (bf16/fp16 x is promoted exactly), |v| <= 127 for finite non-outliers
     if not torch.isfinite(factor * absmax).all():  # rare: some row holds a NaN or inf
         v = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
     return v.round_()  # torch.round is round-half-to-even, like bitsandbytes
@@ -159,7 +159,8 @@ def _quantize_rows_codes(x: torch.Tensor, threshold: float):
     """quantize_rows with the codes left as fp32 integers (exact: they lie in [-127, 127])."""
     if x.dim() != 2:
         raise ValueError(f"quantize_rows expects x of shape [M, K], got {tuple(x.shape)}")
-    x = x.float()
+    # |x|, the absmaxes and the outlier test are exact in x's own dtype (bf16/fp16 need no fp32 copy of x);
+    # the codes are computed in fp32 (_round_codes promotes x * factor)
     a = x.abs()  # [M, K]
     cols = _outlier_columns_of_abs(a, threshold)
     if cols.numel() > 0:
@@ -167,7 +168,7 @@ def _quantize_rows_codes(x: torch.Tensor, threshold: float):
         # columns, so only those few columns are touched)
         a_out = a[:, cols]  # [M, n_out]
         a[:, cols] = a_out.masked_fill_(a_out >= threshold, 0.0)
-    row_scale = a.amax(dim=1)  # [M]; NaN propagates, so a NaN row keeps a NaN scale
+    row_scale = a.amax(dim=1).float()  # [M]; NaN propagates, so a NaN row keeps a NaN scale
     codes = _round_codes(x, row_scale)
     if cols.numel() > 0:
         codes[:, cols] = 0  # ... but their whole columns leave the int8 matmul
@@ -226,7 +227,7 @@ def int8_linear(
     K = x.shape[-1]
     N = w_int8.shape[0]
     lead_shape = x.shape[:-1]
-    x2 = x.reshape(-1, K).float()  # [M, K]
+    x2 = x.reshape(-1, K)  # [M, K] in x's dtype: quantizing needs no fp32 copy of it
     if x2.shape[0] == 0:
         return x.new_empty(*lead_shape, N)
 
@@ -248,7 +249,7 @@ def int8_linear(
     if cols.numel() > 0:
         # the few outlier features in fp32: x[:, O] [M, n_out] @ dequantized W[:, O]^T [n_out, N]
         w_cols = dequantize_weight(w_int8[:, cols], w_scale)  # [N, n_out]
-        y.addmm_(x2[:, cols], w_cols.t())
+        y.addmm_(x2[:, cols].float(), w_cols.t())
 
     return y.to(x.dtype).reshape(*lead_shape, N)
 
