@@ -174,6 +174,8 @@ class Int8Linear(nn.Module):
         if x.dtype not in _SUPPORTED_DTYPES:
             raise TypeError(f"Int8Linear expects a float32, bfloat16 or float16 input, got {x.dtype}")
         packed = self.packed_weight() if uses_onednn(x) else None
+        if not (torch.is_grad_enabled() and x.requires_grad):  # sampling, scoring: no graph to record
+            return _linear_forward(x, self.weight, self.weight_scale, self.bias, self.threshold, packed)
         return Int8LinearFunction.apply(x, self.weight, self.weight_scale, self.bias, self.threshold, packed)
 
     def packed_weight(self) -> onednn_int8.PackedWeight:
