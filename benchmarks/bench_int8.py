@@ -198,24 +198,32 @@ def forward_backward_row(M, K, N, w, b, x, repeats):
             f"| {backward_path(g)} | {t_bf16 / t_ours_bf16:.2f}x |")
 
 
-def bench_cpu_breakdown(M, K, N, n_outliers):
-    """Where our CPU forward's time goes at one shape: quantize activations / int8 GEMM / the rest (token scales,
-    bias, outlier columns, the cast back)."""
+def bench_cpu_breakdown(M, K, N, n_outliers, repeats=20):
+    """Where our CPU forward's time goes at one shape (the oneDNN path): quantize the activations / oneDNN's int8
+    GEMM with the weight scales / the rest (token scales, bias, outlier columns), each part timed inside the same
+    call sequence as a forward runs it (a GEMM timed alone, back to back, is faster than after other ops)."""
     x = activations(M, K, n_outliers, torch.float32, "cpu")
     layer = Int8Linear.from_weight(torch.randn(N, K), torch.randn(N))
-    x_int8, row_scale, cols = reference.quantize_rows(x, 6.0)
-    if uses_onednn(x):
-        packed = layer.packed_weight()
-        name, gemm = "oneDNN int8 GEMM + weight scales", lambda: onednn_int8.gemm(x_int8, packed)
-    else:
-        name, gemm = "int8 GEMM", lambda: reference.int8_matmul(x_int8, layer.weight)
-    t_quant = median_ms(lambda: reference.quantize_rows(x, 6.0))
-    t_gemm = median_ms(gemm)
-    with torch.no_grad():
-        t_all = median_ms(lambda: layer(x))
-    print(f"Breakdown of ours at {M} x {K} -> {N} (fp32 x): quantize {t_quant:.2f} ms, {name} {t_gemm:.2f} ms, "
-          f"token scales + bias + {cols.numel()} outlier columns {t_all - t_quant - t_gemm:.2f} ms, "
-          f"total {t_all:.2f} ms\n")
+    if not uses_onednn(x):
+        print(f"(no breakdown: the oneDNN path does not run on this CPU)\n")
+        return
+    packed = layer.packed_weight()
+    parts = {"quantize": [], "gemm": [], "rest": []}
+    for i in range(repeats + 2):
+        t0 = time.perf_counter()
+        codes, row_scale, cols = reference.quantize_rows(x, 6.0)
+        t1 = time.perf_counter()
+        y = onednn_int8.gemm(codes, packed)
+        t2 = time.perf_counter()
+        onednn_int8.finish(y, row_scale, x, cols, layer.weight, layer.weight_scale, layer.bias)
+        t3 = time.perf_counter()
+        if i >= 2:  # two warmup calls
+            for name, t in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
+                parts[name].append(1e3 * t)
+    ms = {name: statistics.median(v) for name, v in parts.items()}
+    print(f"Breakdown of ours at {M} x {K} -> {N} (fp32 x, medians of {repeats} forwards): quantize {ms['quantize']:.2f} ms, "
+          f"oneDNN int8 GEMM + weight scales {ms['gemm']:.2f} ms, token scales + bias + {cols.numel()} outlier columns "
+          f"{ms['rest']:.2f} ms\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,14 +89,18 @@ def int8_linear(
 
     codes, row_scale, cols = reference.quantize_rows(x2, threshold)  # [M, K] int8, [M] fp32, [n_out]
     y = gemm(codes, weight)  # [M, N] fp32 = acc * s_w / 127^2
+    return finish(y, row_scale, x2, cols, w_int8, w_scale, bias).to(x.dtype).reshape(*lead_shape, N)
+
+
+def finish(y, row_scale, x2, cols, w_int8, w_scale, bias):
+    """What follows the GEMM, in fp32: y [M, N] = acc * s_w / 127^2 times the token scales s_x [M], plus the bias
+    (one pass, torch.addcmul), plus the outlier columns x2[:, cols] [M, n_out] times their dequantized weights."""
     row = row_scale[:, None]  # [M, 1]
     y = torch.addcmul(bias.float(), y, row) if bias is not None else y.mul_(row)
-
     if cols.numel() > 0:
         w_cols = reference.dequantize_weight(w_int8[:, cols], w_scale)  # [N, n_out]
         y.addmm_(x2[:, cols].float(), w_cols.t())
+    return y
 
-    return y.to(x.dtype).reshape(*lead_shape, N)
 
-
-__all__ = ["available", "PackedWeight", "source_of", "pack", "gemm", "int8_linear"]
+__all__ = ["available", "PackedWeight", "source_of", "pack", "gemm", "finish", "int8_linear"]
