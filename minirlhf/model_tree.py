@@ -11,7 +11,7 @@
     │   │       │   │   ├── lora_A (Linear) weight:[8, 256] trainable  <- LoRA A
     │   │       │   │   └── lora_B (Linear) weight:[768, 8] trainable  <- LoRA B
     ...
-    └── embed_out (Linear) weight: tied to gpt_neox.embed_in.weight
+    └── embed_out (PackedHead) weight: tied to gpt_neox.embed_in.weight
     trainable params: 32,768 || all params: 4,240,896 || trainable%: 0.7727
 
 The picture of the trlX write-up (OpenDelta's `Visualization`): a Pythia has 6 to 44 identical blocks, and

@@ -110,7 +110,7 @@ def test_tree_of_the_embedded_default():
         text = format_tree(model)
         check_against_model(model, text)
         assert [line.split("── ")[1] for line in text.splitlines() if "(Block)" in line] == ranges
-        assert "embed_out (Linear) weight: tied to gpt_neox.embed_in.weight" in text
+        assert "embed_out (PackedHead) weight: tied to gpt_neox.embed_in.weight" in text
         hf_config = GPTNeoXConfig.from_pretrained(default_path("lm"))
         assert text.splitlines()[-1] == peft_line(hf_config, layers=[2, 3] if layers else None)
 
