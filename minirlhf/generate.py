@@ -47,9 +47,11 @@ def sample(logits: torch.Tensor, generator: torch.Generator | None = None,
     cdf = probs.cumsum(-1)  # [B, V]
     if u is None:
         u = torch.rand(probs.shape[0], generator=generator, device=probs.device)
-    u = u[:, None].to(cdf.dtype) * cdf[:, -1:]
-    token = torch.searchsorted(cdf, u, right=True).squeeze(1)  # [B]
-    last_possible = probs.shape[1] - 1 - (probs > 0).flip(-1).int().argmax(-1)  # guards u rounding up to 1
+    total = cdf[:, -1:]  # [B, 1]
+    token = torch.searchsorted(cdf, u[:, None].to(cdf.dtype) * total, right=True).squeeze(1)  # [B]
+    # guards u * total rounding up to the total: the first index where the CDF reaches its total holds a token
+    # of positive probability (the CDF rose there), and every u * total below the total lands at or before it
+    last_possible = torch.searchsorted(cdf, total).squeeze(1)  # [B]
     return torch.minimum(token, last_possible)
 
 
@@ -88,7 +90,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
             logits[:, eos_token_id] = float("-inf")
         if do_sample:
             u = None if noise is None else noise[:, n]
-            token = sample(filter_logits(logits / temperature, top_k, top_p), generator, u)
+            scaled = logits / temperature if temperature != 1.0 else logits  # x / 1.0 is x: skip the pass
+            token = sample(filter_logits(scaled, top_k, top_p), generator, u)
         else:
             token = logits.argmax(-1)
         token = torch.where(done, pad_token_id, token)

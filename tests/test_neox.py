@@ -320,3 +320,18 @@ def test_packed_head_trains_plainly_and_keeps_nn_linears_state_dict():
     head(x).sum().backward()
     assert head._packed is None and head.weight.grad is not None and head.bias.grad is not None
     assert set(head.state_dict()) == {"weight", "bias"}
+
+
+def test_sample_never_draws_a_token_of_probability_zero():
+    """Inverse-CDF sampling with filtered (-inf) tokens after the last kept one: every u in [0, 1] lands on a kept
+    token, and u * total rounding up to the total (u = 1 here) gives the last kept token, not the end of the row."""
+    from minirlhf.generate import sample
+
+    inf = float("inf")
+    logits = torch.tensor([[0.0, 1.0, -inf, 2.0, -inf, -inf], [-inf, 3.0, -inf, -inf, -inf, -inf]])
+    for u in (0.0, 0.3, 0.7, 1 - 2**-24, 1.0):
+        token = sample(logits, u=torch.full((2,), u))
+        assert torch.isfinite(logits[torch.arange(2), token]).all(), (u, token)
+    assert sample(logits, u=torch.ones(2)).tolist() == [3, 1]
+    p = torch.softmax(logits[0], -1)  # the first row's CDF steps: 0.090, 0.335, 0.335, 1.0
+    assert sample(logits[:1], u=torch.tensor([0.2])).item() == 1 and p[:2].sum() > 0.2 > p[0]
