@@ -4,6 +4,7 @@
     python benchmarks/bench_ppo.py --steps 3 --rows trl-bf16,ours-default
     python benchmarks/bench_ppo.py --threads 2 --out results.md
     python benchmarks/bench_ppo.py --rows ours-default --profile   # + torch.profiler of one of our steps
+    python benchmarks/bench_ppo.py --threads 1 --steps 3 --rounds 3    # each row 3 times, order alternating
 
 The setting (equal on both sides)
 ---------------------------------
@@ -393,6 +394,20 @@ def run_child(kind: str, row: str | None, folder: str, args) -> dict:
     return result
 
 
+def merge_rounds(row: str, runs: list[dict]) -> dict:
+    """One table row from a row's runs (one per --rounds): every timed step of every run, the largest peak RSS,
+    and each run's median (how far the host drifted between rounds)."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return {"row": row, "error": failed[0]["error"]}
+    merged = dict(runs[0], row=row)
+    merged["steps"] = [s for r in runs for s in r["steps"]]
+    merged["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    merged["rss_imports_mb"] = max(r["rss_imports_mb"] for r in runs)
+    merged["round_medians"] = [median([s["total"] for s in r["steps"]]) for r in runs]
+    return merged
+
+
 def fmt(x, digits=2):
     return "-" if x is None or x != x else f"{x:.{digits}f}"
 
@@ -408,11 +423,14 @@ def table(rows, args, machine: str, versions: dict) -> str:
              + "".join(f"; {k} {versions[k]}" for k in ("transformers", "bitsandbytes") if k in versions) + ".",
              f"Workload: Pythia-70m-shaped random GPT-NeoX (vocab 50304), LoRA r=8 on query_key_value, batch "
              f"{BATCH}, mini-batch {MINI_BATCH}, {PPO_EPOCHS} PPO epochs, {QUERY_TOKENS}-token queries, exactly "
-             f"{RESPONSE_TOKENS}-token responses; median of {args.steps} steps after {args.warmup} warmup.",
+             f"{RESPONSE_TOKENS}-token responses; median of {args.steps} steps after {args.warmup} warmup"
+             + (f", in each of {args.rounds} rounds (rows in alternating order; the median is over all "
+                f"{args.rounds * args.steps} steps)." if args.rounds > 1 else "."),
              "",
              "| row | settings | s/step (median) | min-max | generation | scoring | update | peak RSS MB "
-             f"| RSS after imports MB | speedup vs {ref['row'] if ref else 'trl'} (trl's fastest) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"| RSS after imports MB | speedup vs {ref['row'] if ref else 'trl'} (trl's fastest) |"
+             + (" each round's median |" if args.rounds > 1 else ""),
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.rounds > 1 else "")]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['row']} | | failed: {r['error'][:120]} | | | | | | | |")
@@ -421,9 +439,10 @@ def table(rows, args, machine: str, versions: dict) -> str:
         med = median(totals)
         phase = {k: median([s[k] for s in r["steps"]]) for k in ("generation", "scoring", "update")}
         speedup = f"{ref_s / med:.2f}x" if ref_s else "-"
+        rounds = f" {' / '.join(fmt(m) for m in r['round_medians'])} |" if args.rounds > 1 else ""
         lines.append(f"| {r['row']} | {r['resolved']} | {fmt(med)} | {fmt(min(totals))}-{fmt(max(totals))} "
                      f"| {fmt(phase['generation'])} | {fmt(phase['scoring'])} | {fmt(phase['update'])} "
-                     f"| {r['peak_rss_mb']:.0f} | {r['rss_imports_mb']:.0f} | {speedup} |")
+                     f"| {r['peak_rss_mb']:.0f} | {r['rss_imports_mb']:.0f} | {speedup} |{rounds}")
     lines += ["",
               "Phases are medians in seconds (so they need not sum to the median step). generation: trl = wall time "
               "of `ppo_trainer.generate` (one batched call); ours = `time/ppo/rollout` minus the scoring passes "
@@ -437,6 +456,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=5, help="timed PPO steps per row (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed PPO steps first")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every row this many times, every other round in reverse order (a noisy shared host)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows to run, of: {', '.join(ROWS)}")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in each child (default: torch's)")
     p.add_argument("--out", help="also write the markdown table to this file")
@@ -449,8 +470,8 @@ def main():
     args = p.parse_args()
     if args.child:
         return child_main(args)
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        p.error("--steps and --rounds must be >= 1 and --warmup >= 0")
     plan = [r.strip() for r in args.rows.split(",") if r.strip()]
     if not plan or any(r not in ROWS for r in plan):
         p.error(f"--rows: expected a comma-separated subset of {','.join(ROWS)}, got {args.rows!r}")
@@ -465,21 +486,22 @@ def main():
         print(f"built the model ({built['params'] / 1e6:.1f}M parameters) and tokenizer in "
               f"{time.perf_counter() - t:.0f} s", flush=True)
 
-        rows, versions = [], {}
-        for row in plan:
-            print(f"running {row} ...", flush=True)
-            r = run_child(row.split("-")[0], row, folder, args)
-            r.update(row=row)
-            rows.append(r)
-            if "error" in r:
-                print(f"  {row} failed: {r['error']}", flush=True)
-                continue
-            versions.update(r.get("versions", {}), torch=r["torch"], threads=r["threads"])
-            print(f"  done in {r['wall_s']:.0f} s ({r['resolved']}); median "
-                  f"{median([s['total'] for s in r['steps']]):.2f} s/step, peak RSS {r['peak_rss_mb']:.0f} MB "
-                  f"(ru_maxrss {r['ru_maxrss_mb']:.0f} MB)", flush=True)
-            if r.get("profile"):
-                print(f"\ntorch.profiler, one step of {row}, top ops by self CPU time:\n{r['profile']}\n", flush=True)
+        results, versions = {row: [] for row in plan}, {}
+        for k in range(args.rounds):  # every other round in reverse order: a slow drift of the host hits all rows
+            for row in (plan if k % 2 == 0 else plan[::-1]):
+                print(f"running {row}{f' (round {k + 1} of {args.rounds})' if args.rounds > 1 else ''} ...", flush=True)
+                r = run_child(row.split("-")[0], row, folder, args)
+                results[row].append(r)
+                if "error" in r:
+                    print(f"  {row} failed: {r['error']}", flush=True)
+                    continue
+                versions.update(r.get("versions", {}), torch=r["torch"], threads=r["threads"])
+                print(f"  done in {r['wall_s']:.0f} s ({r['resolved']}); median "
+                      f"{median([s['total'] for s in r['steps']]):.2f} s/step, peak RSS {r['peak_rss_mb']:.0f} MB "
+                      f"(ru_maxrss {r['ru_maxrss_mb']:.0f} MB)", flush=True)
+                if r.get("profile"):
+                    print(f"\ntorch.profiler, one step of {row}, top ops by self CPU time:\n{r['profile']}\n", flush=True)
+        rows = [merge_rounds(row, results[row]) for row in plan]
 
     text = table(rows, args, machine, versions)
     print("\n" + text)

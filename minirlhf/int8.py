@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from minirlhf.kernels import backend, onednn_int8, reference
+from minirlhf.kernels.onednn_linear import PackedHead
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BACKENDS = ("triton", "torch", "onednn")
@@ -217,6 +218,7 @@ def memory_report(model: nn.Module) -> dict:
 
     int8_weights            int8 parameters (Int8Linear.weight)
     int8_packed             oneDNN's packed copies of them (CPUs with int8 units, after a first forward)
+    head_packed             oneDNN's packed copy of a frozen bf16 output head (CPU, after a first forward)
     int8_scales             Int8Linear.weight_scale buffers
     float_params_trainable  other parameters with requires_grad (e.g. LoRA adapters)
     float_params_frozen     other parameters without it (embeddings, norms, biases, ...)
@@ -226,8 +228,8 @@ def memory_report(model: nn.Module) -> dict:
     int8_params             number of int8 parameters (so bytes per int8 parameter = 1)
     """
     scale_ids = {id(m.weight_scale) for m in model.modules() if isinstance(m, Int8Linear)}
-    report = dict(int8_weights=0, int8_packed=0, int8_scales=0, float_params_trainable=0, float_params_frozen=0,
-                  other_buffers=0)
+    report = dict(int8_weights=0, int8_packed=0, head_packed=0, int8_scales=0, float_params_trainable=0,
+                  float_params_frozen=0, other_buffers=0)
     int8_params = 0
     for p in model.parameters():  # parameters() already skips shared (tied) parameters
         nbytes = p.numel() * p.element_size()
@@ -241,19 +243,21 @@ def memory_report(model: nn.Module) -> dict:
     for b in model.buffers():  # also deduplicated
         nbytes = b.numel() * b.element_size()
         report["int8_scales" if id(b) in scale_ids else "other_buffers"] += nbytes
-    for m in model.modules():  # the packed copy is an opaque oneDNN tensor: its codes, one byte each
+    for m in model.modules():  # the packed copies are opaque oneDNN tensors: counted as what they hold
         if isinstance(m, Int8Linear) and m._packed is not None:
-            report["int8_packed"] += m.weight.numel()
+            report["int8_packed"] += m.weight.numel()  # the codes, one byte each
+        elif isinstance(m, PackedHead):
+            report["head_packed"] += m.packed_bytes()
     report["float_params"] = report["float_params_trainable"] + report["float_params_frozen"]
-    report["total"] = (report["int8_weights"] + report["int8_packed"] + report["int8_scales"] + report["float_params"]
-                       + report["other_buffers"])
+    report["total"] = (report["int8_weights"] + report["int8_packed"] + report["head_packed"] + report["int8_scales"]
+                       + report["float_params"] + report["other_buffers"])
     report["int8_params"] = int8_params
     return report
 
 
 def format_memory_report(report: dict) -> str:
     """A small fixed-width table of memory_report(model)."""
-    rows = ["int8_weights", "int8_packed", "int8_scales", "float_params_trainable", "float_params_frozen", "other_buffers", "total"]
+    rows = ["int8_weights", "int8_packed", "head_packed", "int8_scales", "float_params_trainable", "float_params_frozen", "other_buffers", "total"]
     total = max(report["total"], 1)
     lines = [f"{'component':<24}{'bytes':>16}{'MiB':>11}{'share':>8}"]
     for name in rows:

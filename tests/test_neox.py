@@ -306,6 +306,7 @@ def test_packed_head_gives_f_linears_logits_and_gradient_bit_for_bit(monkeypatch
         x = torch.randn(4, 64).bfloat16()
         assert torch.equal(head(x), F.linear(x, head.weight)) and len(packs) == 2
     assert head.packed_bytes() == 1000 * 64 * 2
+    assert minirlhf.memory_report(head)["head_packed"] == 1000 * 64 * 2  # and the memory report counts it
     twin = copy.deepcopy(head)  # the opaque packed tensor is not copied: the copy packs anew
     assert twin._packed is None and torch.equal(twin(x), head(x))
     head.float()  # cast: the pack is dropped, and fp32 runs plain F.linear
