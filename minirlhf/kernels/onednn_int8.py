@@ -17,7 +17,9 @@ with the bias (torch.addcmul); then the outlier columns in fp32, as in the refer
             + sum_{k in O} x[m, k] * W8[n, k] * s_w[n] / 127                  outlier columns (fp32 addmm)
 
 The integer sum is exact either way; the scales are the same fp32 numbers multiplied in another order, so an
-output differs from the reference by at most a few fp32 roundings (~1e-7 relative; tests/test_int8_linear.py).
+output differs from the reference by at most a few fp32 roundings (~1e-7 relative), and after the cast to a
+bf16/fp16 input's dtype by at most one ulp of it, where the two land on either side of a rounding boundary
+(tests/test_int8_linear.py).
 
 Memory: the packed weight is a second copy of the codes (one more byte per weight), held beside the plain
 int8 parameter, which stays what state_dict saves and what the backward multiplies (int8.input_grad).
