@@ -174,7 +174,9 @@ class Int8Linear(nn.Module):
             raise ValueError(f"Int8Linear expects {self.in_features} input features, got x of shape {tuple(x.shape)}")
         if x.dtype not in _SUPPORTED_DTYPES:
             raise TypeError(f"Int8Linear expects a float32, bfloat16 or float16 input, got {x.dtype}")
-        packed = self.packed_weight() if uses_onednn(x) else None
+        # an inference tensor (made under torch.inference_mode) keeps no version counter, so a packed copy of it
+        # could go stale unseen: such weights run the reference
+        packed = self.packed_weight() if uses_onednn(x) and not self.weight.is_inference() else None
         if not (torch.is_grad_enabled() and x.requires_grad):  # sampling, scoring: no graph to record
             return _linear_forward(x, self.weight, self.weight_scale, self.bias, self.threshold, packed)
         return Int8LinearFunction.apply(x, self.weight, self.weight_scale, self.bias, self.threshold, packed)

@@ -264,6 +264,17 @@ def test_onednn_packs_once_and_again_after_the_weight_changes(monkeypatch):
 
 
 @needs_onednn
+def test_a_layer_made_under_inference_mode_runs_the_reference(monkeypatch):
+    """Inference tensors keep no version counter (a packed copy could not tell it went stale): the reference."""
+    x = planted(5, 64, n_out=2)
+    with torch.inference_mode():
+        layer = Int8Linear.from_linear(nn.Linear(64, 32))
+        y = layer(x)
+    assert layer._packed is None
+    assert torch.equal(y, R.int8_linear(x, layer.weight, layer.weight_scale, layer.bias, layer.threshold))
+
+
+@needs_onednn
 def test_onednn_layer_deep_copies_and_reports_its_packed_bytes(monkeypatch):
     import copy
 

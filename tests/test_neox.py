@@ -315,6 +315,14 @@ def test_packed_head_gives_f_linears_logits_and_gradient_bit_for_bit(monkeypatch
 
 
 @needs_onednn_linear
+def test_packed_head_made_under_inference_mode_runs_plainly():
+    with torch.inference_mode():
+        head = PackedHead(16, 40).to(torch.bfloat16).requires_grad_(False)
+        x = torch.randn(3, 16).bfloat16()
+        assert torch.equal(head(x), F.linear(x, head.weight, head.bias)) and head._packed is None
+
+
+@needs_onednn_linear
 def test_packed_head_trains_plainly_and_keeps_nn_linears_state_dict():
     head = PackedHead(16, 40).to(torch.bfloat16)  # requires_grad: a trained head is never packed
     x = torch.randn(3, 16).bfloat16()

@@ -23,9 +23,11 @@ def available() -> bool:
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the packed product runs y = x W^T: a bf16 input and weight on a CPU, the weight frozen."""
+    """Whether the packed product runs y = x W^T: a bf16 input and weight on a CPU, the weight frozen and not an
+    inference tensor (made under torch.inference_mode: it keeps no version counter, so a packed copy of it could
+    go stale unseen)."""
     return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16 and not weight.requires_grad
-            and available())
+            and not weight.is_inference() and available())
 
 
 @dataclass
