@@ -166,12 +166,12 @@ def _quantize_rows_codes(x: torch.Tensor, threshold: float):
     if cols.numel() > 0:
         # bitsandbytes semantics: only the outlier elements leave the absmax ... (they all sit in the outlier
         # columns, so only those few columns are touched)
-        a_out = a[:, cols]  # [M, n_out]
-        a[:, cols] = a_out.masked_fill_(a_out >= threshold, 0.0)
+        a_out = a.index_select(1, cols)  # [M, n_out] (index_select / index_copy_: a[:, cols] without advanced indexing)
+        a.index_copy_(1, cols, a_out.masked_fill_(a_out >= threshold, 0.0))
     row_scale = a.amax(dim=1).float()  # [M]; NaN propagates, so a NaN row keeps a NaN scale
     codes = _round_codes(x, row_scale)
     if cols.numel() > 0:
-        codes[:, cols] = 0  # ... but their whole columns leave the int8 matmul
+        codes.index_fill_(1, cols, 0.0)  # ... but their whole columns leave the int8 matmul
     return codes, row_scale, cols
 
 
@@ -248,8 +248,8 @@ def int8_linear(
 
     if cols.numel() > 0:
         # the few outlier features in fp32: x[:, O] [M, n_out] @ dequantized W[:, O]^T [n_out, N]
-        w_cols = dequantize_weight(w_int8[:, cols], w_scale)  # [N, n_out]
-        y.addmm_(x2[:, cols].float(), w_cols.t())
+        w_cols = dequantize_weight(w_int8.index_select(1, cols), w_scale)  # [N, n_out]
+        y.addmm_(x2.index_select(1, cols).float(), w_cols.t())
 
     return y.to(x.dtype).reshape(*lead_shape, N)
 
