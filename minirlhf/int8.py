@@ -34,7 +34,7 @@ import os
 import torch
 import torch.nn as nn
 
-from minirlhf.kernels import backend, onednn_int8, reference
+from minirlhf.kernels import backend, onednn_int8, reference, source_of
 from minirlhf.kernels.onednn_linear import PackedHead
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -184,7 +184,7 @@ class Int8Linear(nn.Module):
     def packed_weight(self) -> onednn_int8.PackedWeight:
         """The codes packed for oneDNN: made on first use, remade when the weight or its scales change
         (load_state_dict, any in-place write; a write through .data bypasses the version counter)."""
-        if self._packed is None or self._packed.source != onednn_int8.source_of(self.weight, self.weight_scale):
+        if self._packed is None or self._packed.source != source_of(self.weight, self.weight_scale):
             self._packed = onednn_int8.pack(self.weight, self.weight_scale)
         return self._packed
 

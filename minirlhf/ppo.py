@@ -191,12 +191,13 @@ class _TokenLogprobs(torch.autograd.Function):
             shifted = z - peak  # <= 0: exp cannot overflow
             e = shifted.exp()  # [r, V], the one exp of the chunk: softmax = e / total
             total = e.sum(dim=-1)  # [r], >= 1
-            m = peak.squeeze(-1) + total.log()  # log-sum-exp [r]
+            log_total = total.log()  # [r]
+            m = peak.squeeze(-1) + log_total  # log-sum-exp [r]
             lse[rows] = m
             logprobs[rows] = z.gather(-1, labels[rows, None]).squeeze(-1) - m
             # entropy -sum p log p with p = e / total, log p = shifted - log total: both terms are relative to the
             # peak, so nothing cancels against the size of the logits
-            entropy[rows] = total.log() - torch.linalg.vecdot(e, shifted) / total
+            entropy[rows] = log_total - torch.linalg.vecdot(e, shifted) / total
         ctx.save_for_backward(logits, labels, lse)
         ctx.temperature = temperature
         ctx.mark_non_differentiable(entropy)

@@ -18,3 +18,11 @@ def use_triton(x, variable: str) -> bool:
     """Whether the Triton kernels run this call: yes for CUDA tensors, no for CPU ones, unless `variable` says
     triton or torch."""
     return backend(x, variable) == "triton"
+
+
+def source_of(*tensors) -> tuple:
+    """What a cached copy of these tensors (oneDNN's packed weights) was made from: each one's storage and in-place
+    version counter. load_state_dict or any in-place write moves the counter, so a copy whose source no longer
+    matches is stale. (A write through .data bypasses the counter; inference tensors have none: their callers
+    never cache.)"""
+    return tuple((t.data_ptr(), t._version) for t in tensors)

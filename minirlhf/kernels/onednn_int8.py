@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minirlhf.kernels import reference
+from minirlhf.kernels import reference, source_of
 
 
 def available() -> bool:
@@ -43,13 +43,7 @@ class PackedWeight:
     packed: torch.Tensor  # opaque oneDNN tensor: the int8 codes of W^T [K, N] in a blocked layout
     scale: torch.Tensor  # [N] fp32: s_w / 127^2
     zero_points: torch.Tensor  # [N] int64 zeros: the codes are symmetric
-    source: tuple  # what it was made from (see source_of): a PackedWeight is reused only while this matches
-
-
-def source_of(w_int8: torch.Tensor, w_scale: torch.Tensor) -> tuple:
-    """Identifies the tensors a PackedWeight was made from: their storage and in-place version counters, so
-    load_state_dict or any in-place write to the weight or its scales makes a cached PackedWeight stale."""
-    return (w_int8.data_ptr(), w_int8._version, w_scale.data_ptr(), w_scale._version)
+    source: tuple  # kernels.source_of(W8, s_w) when made: reused only while it matches (the scales live here too)
 
 
 def pack(w_int8: torch.Tensor, w_scale: torch.Tensor) -> PackedWeight:
@@ -105,4 +99,4 @@ def finish(y, row_scale, x2, cols, w_int8, w_scale, bias):
     return y
 
 
-__all__ = ["available", "PackedWeight", "source_of", "pack", "gemm", "finish", "int8_linear"]
+__all__ = ["available", "PackedWeight", "pack", "gemm", "finish", "int8_linear"]

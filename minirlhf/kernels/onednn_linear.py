@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from minirlhf.kernels import source_of
+
 
 def available() -> bool:
     """Whether this torch build has oneDNN's packed linear ops (x86 CPU builds do)."""
@@ -33,11 +35,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 @dataclass
 class PackedWeight:
     packed: torch.Tensor  # opaque oneDNN tensor: W [out, in] in oneDNN's blocked layout
-    source: tuple  # (storage, version counter) of the weight it was made from: stale when either moves
-
-
-def source_of(weight: torch.Tensor) -> tuple:
-    return (weight.data_ptr(), weight._version)
+    source: tuple  # kernels.source_of(W) when made: reused only while it matches
 
 
 def pack(weight: torch.Tensor) -> PackedWeight:
