@@ -47,7 +47,7 @@ def sample(logits: torch.Tensor, generator: torch.Generator | None = None,
     cdf = probs.cumsum(-1)  # [B, V]
     if u is None:
         u = torch.rand(probs.shape[0], generator=generator, device=probs.device)
-    total = cdf[:, -1:]  # [B, 1]
+    total = cdf[:, -1:].contiguous()  # [B, 1] (searchsorted copies, and warns about, a strided value tensor)
     token = torch.searchsorted(cdf, u[:, None].to(cdf.dtype) * total, right=True).squeeze(1)  # [B]
     # guards u * total rounding up to the total: the first index where the CDF reaches its total holds a token
     # of positive probability (the CDF rose there), and every u * total below the total lands at or before it
