@@ -41,19 +41,28 @@ _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BACKENDS = ("triton", "torch", "onednn")
 
 
-def uses_onednn(x: torch.Tensor) -> bool:
-    """Whether oneDNN's prepacked GEMM runs this CPU call: by default where the CPU has int8 units, or when
-    MINIRLHF_INT8_BACKEND=onednn asks for it (any x86 CPU computes it right, without int8 units slowly)."""
+def forward_backend(x: torch.Tensor) -> str:
+    """Which kernels run Int8Linear's forward for x, read once per call: "triton" (CUDA tensors, or the env
+    override), "onednn" (oneDNN's prepacked GEMM: by default on a CPU with int8 units, or when
+    MINIRLHF_INT8_BACKEND=onednn asks for it; any x86 CPU computes it right, without int8 units slowly) or
+    "torch" (the PyTorch reference)."""
     choice = backend(x, "MINIRLHF_INT8_BACKEND", _BACKENDS)
     if choice == "onednn" and x.device.type != "cpu":
         raise ValueError(f"MINIRLHF_INT8_BACKEND=onednn runs CPU tensors only, got one on {x.device}")
-    return choice == "onednn" or (choice == "" and reference.int8_units(x) and onednn_int8.available())
+    if choice:
+        return choice
+    return "onednn" if reference.int8_units(x) and onednn_int8.available() else "torch"
 
 
-def _linear_forward(x, weight, weight_scale, bias, threshold, packed=None):
-    """Run this call on its backend: Triton (CUDA, or the env override), oneDNN when the caller packed the
-    weight for it (Int8Linear does, see uses_onednn), else the PyTorch reference."""
-    if backend(x, "MINIRLHF_INT8_BACKEND", _BACKENDS) == "triton":
+def uses_onednn(x: torch.Tensor) -> bool:
+    """Whether oneDNN's prepacked GEMM runs this CPU call (forward_backend)."""
+    return forward_backend(x) == "onednn"
+
+
+def _linear_forward(x, weight, weight_scale, bias, threshold, path, packed=None):
+    """Run this call on `path` (forward_backend): Triton, oneDNN when the caller packed the weight for it
+    (Int8Linear does), else the PyTorch reference."""
+    if path == "triton":
         from minirlhf.kernels.int8_matmul import triton_int8_linear  # triton is imported only when used
 
         return triton_int8_linear(x, weight, weight_scale, bias, threshold)
@@ -67,15 +76,15 @@ class Int8LinearFunction(torch.autograd.Function):
     `packed` is W8 packed for oneDNN (onednn_int8.PackedWeight), or None where another backend runs."""
 
     @staticmethod
-    def forward(ctx, x, weight, weight_scale, bias, threshold, packed=None):
+    def forward(ctx, x, weight, weight_scale, bias, threshold, path, packed=None):
         ctx.save_for_backward(weight, weight_scale)
-        return _linear_forward(x, weight, weight_scale, bias, threshold, packed)
+        return _linear_forward(x, weight, weight_scale, bias, threshold, path, packed)
 
     @staticmethod
     def backward(ctx, grad_out):
         weight, weight_scale = ctx.saved_tensors
         grad_x = input_grad(grad_out, weight, weight_scale) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, None, None, None
+        return grad_x, None, None, None, None, None, None
 
 
 def backward_path(grad_out: torch.Tensor) -> str:
@@ -108,7 +117,7 @@ def input_grad(grad_out: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     if path == "switchback":
         g = grad_out.float() * (weight_scale / reference.INT8_MAX)  # [..., N] fp32
         unit = torch.full((weight.shape[1],), reference.INT8_MAX, device=weight.device)  # [K]: s / 127 = 1
-        return _linear_forward(g, weight.t(), unit, None, 0.0)  # [..., K] fp32
+        return _linear_forward(g, weight.t(), unit, None, 0.0, forward_backend(g))  # [..., K] fp32
     if path == "half":
         g = torch.mul(grad_out, weight_scale / reference.INT8_MAX).to(grad_out.dtype)  # scaled in fp32 (promoted)
         return g @ weight.to(grad_out.dtype)  # [..., N] @ [N, K]: the codes are exact in bf16 and fp16
@@ -174,12 +183,13 @@ class Int8Linear(nn.Module):
             raise ValueError(f"Int8Linear expects {self.in_features} input features, got x of shape {tuple(x.shape)}")
         if x.dtype not in _SUPPORTED_DTYPES:
             raise TypeError(f"Int8Linear expects a float32, bfloat16 or float16 input, got {x.dtype}")
+        path = forward_backend(x)
         # an inference tensor (made under torch.inference_mode) keeps no version counter, so a packed copy of it
         # could go stale unseen: such weights run the reference
-        packed = self.packed_weight() if uses_onednn(x) and not self.weight.is_inference() else None
+        packed = self.packed_weight() if path == "onednn" and not self.weight.is_inference() else None
         if not (torch.is_grad_enabled() and x.requires_grad):  # sampling, scoring: no graph to record
-            return _linear_forward(x, self.weight, self.weight_scale, self.bias, self.threshold, packed)
-        return Int8LinearFunction.apply(x, self.weight, self.weight_scale, self.bias, self.threshold, packed)
+            return _linear_forward(x, self.weight, self.weight_scale, self.bias, self.threshold, path, packed)
+        return Int8LinearFunction.apply(x, self.weight, self.weight_scale, self.bias, self.threshold, path, packed)
 
     def packed_weight(self) -> onednn_int8.PackedWeight:
         """The codes packed for oneDNN: made on first use, remade when the weight or its scales change
@@ -269,4 +279,4 @@ def format_memory_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Int8Linear", "Int8LinearFunction", "input_grad", "backward_path", "memory_report", "format_memory_report"]
+__all__ = ["Int8Linear", "Int8LinearFunction", "forward_backend", "uses_onednn", "input_grad", "backward_path", "memory_report", "format_memory_report"]
