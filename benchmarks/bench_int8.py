@@ -198,32 +198,39 @@ def forward_backward_row(M, K, N, w, b, x, repeats):
             f"| {backward_path(g)} | {t_bf16 / t_ours_bf16:.2f}x |")
 
 
-def bench_cpu_breakdown(M, K, N, n_outliers, repeats=20):
+def bench_cpu_breakdown(M, K, N, n_outliers, dtype, repeats=20):
     """Where our CPU forward's time goes at one shape (the oneDNN path): quantize the activations / oneDNN's int8
-    GEMM with the weight scales / the rest (token scales, bias, outlier columns), each part timed inside the same
-    call sequence as a forward runs it (a GEMM timed alone, back to back, is faster than after other ops)."""
-    x = activations(M, K, n_outliers, torch.float32, "cpu")
-    layer = Int8Linear.from_weight(torch.randn(N, K), torch.randn(N))
+    GEMM with the weight scales / the rest (token scales, bias, outlier columns, the cast to x's dtype), each part
+    timed inside the same call sequence as a forward runs it (a GEMM timed alone, back to back, is faster than
+    after other ops), and F.linear in x's dtype timed in the same loop: the GEMM against what it replaces."""
+    x = activations(M, K, n_outliers, dtype, "cpu")
+    w, b = torch.randn(N, K), torch.randn(N)
+    layer = Int8Linear.from_weight(w, b).to(dtype)
+    w_float, b_float = w.to(dtype), b.to(dtype)
     if not uses_onednn(x):
         print(f"(no breakdown: the oneDNN path does not run on this CPU)\n")
         return
     packed = layer.packed_weight()
-    parts = {"quantize": [], "gemm": [], "rest": []}
+    parts = {"quantize": [], "gemm": [], "rest": [], "F.linear": []}
     for i in range(repeats + 2):
         t0 = time.perf_counter()
         codes, row_scale, cols = reference.quantize_rows(x, 6.0)
         t1 = time.perf_counter()
         y = onednn_int8.gemm(codes, packed)
         t2 = time.perf_counter()
-        onednn_int8.finish(y, row_scale, x, cols, layer.weight, layer.weight_scale, layer.bias)
+        onednn_int8.finish(y, row_scale, x, cols, layer.weight, layer.weight_scale, layer.bias).to(dtype)
         t3 = time.perf_counter()
+        F.linear(x, w_float, b_float)
+        t4 = time.perf_counter()
         if i >= 2:  # two warmup calls
-            for name, t in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
+            for name, t in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 parts[name].append(1e3 * t)
     ms = {name: statistics.median(v) for name, v in parts.items()}
-    print(f"Breakdown of ours at {M} x {K} -> {N} (fp32 x, medians of {repeats} forwards): quantize {ms['quantize']:.2f} ms, "
-          f"oneDNN int8 GEMM + weight scales {ms['gemm']:.2f} ms, token scales + bias + {cols.numel()} outlier columns "
-          f"{ms['rest']:.2f} ms\n")
+    name = str(dtype).removeprefix("torch.")
+    print(f"Breakdown of ours at {M} x {K} -> {N} ({name} x, {cols.numel()} outlier columns, medians of {repeats} "
+          f"forwards): quantize {ms['quantize']:.2f} ms, oneDNN int8 GEMM + weight scales {ms['gemm']:.2f} ms, "
+          f"token scales + bias + outlier columns + cast {ms['rest']:.2f} ms; {name} F.linear in the same loop "
+          f"{ms['F.linear']:.2f} ms\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +327,8 @@ def main():
     print(f"torch {torch.__version__}, bitsandbytes {getattr(bnb, '__version__', 'not used')}\n")
     if not args.gpu:
         bench_cpu(shapes or cpu_default_shapes(args.quick), args.outliers, args.quick, bnb)
-        bench_cpu_breakdown(256, 1024, 4096, args.outliers)
+        bench_cpu_breakdown(256, 1024, 4096, args.outliers, torch.float32)
+        bench_cpu_breakdown(96, 512, 1536, 0, torch.bfloat16)  # a default-run layer: bf16, rarely an outlier
     if torch.cuda.is_available() and not args.cpu_only:
         if bench_gpu(args.outliers, args.quick, bnb, shapes):
             raise SystemExit(1)
