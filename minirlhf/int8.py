@@ -73,7 +73,8 @@ def _linear_forward(x, weight, weight_scale, bias, threshold, path, packed=None)
 
 class Int8LinearFunction(torch.autograd.Function):
     """y = int8_linear(x, W8, s_w, b); dL/dx = dL/dy @ dequantize(W8, s_w); no grad for W8, s_w, b.
-    `packed` is W8 packed for oneDNN (onednn_int8.PackedWeight), or None where another backend runs."""
+    `path` is forward_backend(x); `packed` is W8 packed for oneDNN (onednn_int8.PackedWeight), or None where
+    another backend runs."""
 
     @staticmethod
     def forward(ctx, x, weight, weight_scale, bias, threshold, path, packed=None):
