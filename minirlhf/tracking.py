@@ -10,8 +10,9 @@ metrics.jsonl, reward.png and samples.md are written as before; a tracker is a s
 which is why it logs exactly the dict that goes into metrics.jsonl. TensorBoard goes through
 torch.utils.tensorboard (needs the `tensorboard` package: pip install 'minirlhf[tensorboard]'), into
 RUN_FOLDER/tensorboard/; its event files are append-only logs like metrics.jsonl (atomic.py). W&B runs in
-offline mode only (nothing leaves the machine; `wandb sync` uploads later), into RUN_FOLDER/wandb/. Neither
-package is imported unless asked for, and a missing one is refused before the run starts (options.py).
+offline mode only (nothing leaves the machine; `wandb sync RUN_FOLDER/wandb/offline-run-*` uploads later), into
+RUN_FOLDER/wandb/. Neither package is imported unless asked for, and a missing one is refused before the run
+starts (options.py).
 """
 
 import importlib.util
@@ -65,12 +66,13 @@ class TensorBoardTracker(NoTracker):
 
 
 class WandbTracker(NoTracker):
-    def __init__(self, folder: str, config: dict):
+    def __init__(self, run_folder: str, config: dict):
         import wandb
 
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(run_folder, exist_ok=True)
         self.wandb = wandb
-        self.run = wandb.init(mode="offline", dir=folder, config=config, project="minirlhf")
+        # W&B writes into dir/wandb/: RUN_FOLDER/wandb/offline-run-<time>-<id>/ (its run-<id>.wandb log and files/)
+        self.run = wandb.init(mode="offline", dir=run_folder, config=config, project="minirlhf")
 
     def log(self, stats: dict, step: int) -> None:
         self.run.log(scalars(stats), step=step)
@@ -92,5 +94,5 @@ def open_tracker(kind: str, out: str, config: dict, first_step: int = 1):
     if kind == "tensorboard":
         return TensorBoardTracker(os.path.join(out, "tensorboard"), first_step)
     if kind == "wandb":
-        return WandbTracker(os.path.join(out, "wandb"), config)
+        return WandbTracker(out, config)
     return NoTracker()

@@ -109,8 +109,6 @@ BAD = {
     "use_score_norm": [(["--use-score-norm"], "--use-score-norm needs --use-score-scaling")],
     "whiten_rewards": [(["--algorithm", "grpo", "--whiten-rewards"], "--whiten-rewards is a PPO flag (reward shaping)")],
 }
-if importlib.util.find_spec("wandb") is None:  # an optional tracker that is not installed is refused up front
-    BAD["log_with"].append((["wandb"], "--log-with wandb: the wandb package is not installed"))
 if not torch.cuda.is_available():  # on a machine without a GPU, asking for one is out of domain too
     BAD["device"].append((["cuda"], "--device cuda: no CUDA GPU is visible on this machine"))
     BAD["dtype"].append((["float16"], "--dtype float16 on CPU"))
@@ -168,6 +166,20 @@ def test_an_out_of_domain_flag_is_one_line_and_exit_2(tiny, tmp_path, capsys, na
     assert len(lines) == 1 and lines[0].startswith("train.py: error: ") and message in lines[0], err
     assert "Traceback" not in err
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_a_tracker_that_is_not_installed_is_refused_up_front(tiny, tmp_path, capsys, monkeypatch):
+    """--log-with wandb where the wandb package is missing (made so here: the test extras install it): one line,
+    exit 2, before anything is written."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    argv = ["--model", str(tiny / "model"), "--prompts", str(tiny / "prompts.txt"), "--reward", "vader",
+            "--steps", "1", "--log-with", "wandb", "--out", str(tmp_path / "run")]
+    code, err = call(argv, capsys)
+    assert code == 2, err
+    assert err.strip() == ("train.py: error: --log-with wandb: the wandb package is not installed "
+                           "(pip install 'minirlhf[wandb]')"), err
+    assert not (tmp_path / "run").exists()
 
 
 def test_every_ppo_only_flag_is_refused_by_rloo_and_grpo():
