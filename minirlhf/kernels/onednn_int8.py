@@ -93,10 +93,7 @@ def finish(y, row_scale, x2, cols, w_int8, w_scale, bias):
     (one pass, torch.addcmul), plus the outlier columns x2[:, cols] [M, n_out] times their dequantized weights."""
     row = row_scale[:, None]  # [M, 1]
     y = torch.addcmul(bias.float(), y, row) if bias is not None else y.mul_(row)
-    if cols.numel() > 0:
-        w_cols = reference.dequantize_weight(w_int8.index_select(1, cols), w_scale)  # [N, n_out]
-        y.addmm_(x2.index_select(1, cols).float(), w_cols.t())
-    return y
+    return reference.add_outlier_columns(y, x2, cols, w_int8, w_scale)
 
 
 __all__ = ["available", "PackedWeight", "pack", "gemm", "finish", "int8_linear"]

@@ -246,12 +246,17 @@ def int8_linear(
     if bias is not None:
         y.add_(bias.float())
 
+    add_outlier_columns(y, x2, cols, w_int8, w_scale)
+    return y.to(x.dtype).reshape(*lead_shape, N)
+
+
+def add_outlier_columns(y, x2, cols, w_int8, w_scale) -> torch.Tensor:
+    """y [M, N] fp32 += the few outlier features in fp32: x2[:, O] [M, n_out] @ dequantized W[:, O]^T [n_out, N]
+    (O = cols, from quantize_rows; nothing to add when it is empty). In place; returns y."""
     if cols.numel() > 0:
-        # the few outlier features in fp32: x[:, O] [M, n_out] @ dequantized W[:, O]^T [n_out, N]
         w_cols = dequantize_weight(w_int8.index_select(1, cols), w_scale)  # [N, n_out]
         y.addmm_(x2.index_select(1, cols).float(), w_cols.t())
-
-    return y.to(x.dtype).reshape(*lead_shape, N)
+    return y
 
 
 __all__ = [
@@ -263,4 +268,5 @@ __all__ = [
     "quantize_rows",
     "int8_matmul",
     "int8_linear",
+    "add_outlier_columns",
 ]
