@@ -38,6 +38,22 @@ is the unbiased sample std of the group and eps = 1e-4 (trl's later GRPOTrainer 
 paper names neither). Each response weighs the same whatever its length (the 1/|o_i|), unlike PPO's and
 trl's token-weighted means.
 
+Two choices of that formula are flags, under the names and with the meanings of trl's later GRPOConfig:
+
+    --scale-rewards group   A_i = (score_i - mean) / (std + eps)     the paper
+                    batch   A_i = (score_i - mean) / (std of all B scores + eps)
+                    none    A_i = score_i - mean                      Dr. GRPO (Liu et al. 2025, "Understanding
+                                                                      R1-Zero-Like Training", arXiv 2503.20783)
+    --loss-type grpo        1/m sum_i 1/|o_i| sum_t l_it              the paper (above)
+                bnpo        sum_i sum_t l_it / sum_i |o_i|            every token of the minibatch weighs the same
+                dr_grpo     1/m sum_i 1/L sum_t l_it, L = --max-new-tokens       Dr. GRPO
+
+Why Dr. GRPO drops the std: a prompt whose K samples score 2.30, 2.31, 2.33, 2.35 (all already positive) gets
+advantages of +-1 like a prompt whose samples span -2 .. +2, so the policy keeps being pushed on differences the
+reward barely sees. Unscaled, such a group's advantages are ~0.02 and it stops pulling once its samples agree.
+And 1/|o_i| gives each token of a short response more weight than a token of a long one (a length bias);
+dividing by the constant L instead does not.
+
 Data parallel (distributed.py): the advantages are computed after Batch.gather, on the whole batch on every
 rank, so a prompt's K samples may sit on different ranks: the numbers are the single-process ones for any
 number of processes. The losses are means over the minibatch's rows, computed on every rank from the
@@ -94,10 +110,35 @@ def rloo_loss(old_logprobs, logprobs, mask, advantages, cliprange: float) -> tup
 # ----------------------------------------------------------------------------------------------------
 
 
-def grpo_advantages(scores: torch.Tensor, K: int, eps: float = GRPO_EPS) -> torch.Tensor:
-    """scores [B] -> advantages [B]: each score normalized by its prompt's group, (s - mean) / (std + eps)."""
+def grpo_advantages(scores: torch.Tensor, K: int, eps: float = GRPO_EPS, scale: str = "group") -> torch.Tensor:
+    """scores [B] -> advantages [B]: each score's distance to its prompt's group mean, divided as --scale-rewards
+    says (reward_scale)."""
     g = groups(scores, K)  # [n, K]
-    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).flatten()
+    return (g - g.mean(1, keepdim=True)).flatten() / reward_scale(scores, K, eps, scale)
+
+
+def reward_scale(scores: torch.Tensor, K: int, eps: float, scale: str) -> torch.Tensor:
+    """[B]: what divides each response's advantage: its group's std + eps ("group"), the std of all B scores + eps
+    ("batch"), or 1 ("none")."""
+    if scale == "group":
+        return (groups(scores, K).std(1, keepdim=True) + eps).expand(-1, K).flatten()
+    if scale == "batch":
+        return (scores.std() + eps).expand(scores.shape[0])
+    if scale == "none":
+        return torch.ones_like(scores)
+    raise ValueError(f"unknown GRPO reward scale {scale!r}: expected 'group', 'batch' or 'none'")
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_length: int) -> torch.Tensor:
+    """per_token [m, N] losses -> one number, as --loss-type says (the table in the module summary)."""
+    summed = (per_token * mask).sum(1)  # [m] each response's token losses
+    if loss_type == "grpo":
+        return (summed / mask.sum(1)).mean()
+    if loss_type == "bnpo":
+        return summed.sum() / mask.sum()
+    if loss_type == "dr_grpo":
+        return summed.mean() / max_length
+    raise ValueError(f"unknown GRPO loss type {loss_type!r}: expected 'grpo', 'bnpo' or 'dr_grpo'")
 
 
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -108,17 +149,17 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 
 
 def grpo_loss(old_logprobs, logprobs, ref_logprobs, mask, advantages, cliprange: float,
-              beta: float) -> tuple[torch.Tensor, dict]:
+              beta: float, loss_type: str = "grpo", max_length: int = 0) -> tuple[torch.Tensor, dict]:
     """GRPO's loss for one minibatch of m sequences: old_logprobs, logprobs (with gradients), ref_logprobs,
-    mask [m, N]; advantages [m]; beta the KL coefficient. Per token clipped ratio minus beta * k3, averaged over
-    each response's tokens, then over the responses. Returns (loss, stats)."""
+    mask [m, N]; advantages [m]; beta the KL coefficient. Per token clipped ratio minus beta * k3, averaged as
+    loss_type says (max_length: dr_grpo's constant L). Returns (loss, stats)."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     A = advantages[:, None]  # [m, 1]: the same for every token of a response
     surrogate = torch.min(ratio * A, torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange) * A)
     kl = k3_kl(logprobs, ref_logprobs)
     per_token = -(surrogate - beta * kl)  # [m, N]
-    loss = ((per_token * mask).sum(1) / mask.sum(1)).mean()
+    loss = aggregate(per_token, mask, loss_type, max_length)
     stats = {"loss/policy": loss.detach(),
              "policy/kl_ref": masked_mean(kl, mask).detach(),
              "policy/approxkl": (0.5 * masked_mean(log_ratio**2, mask)).detach(),

@@ -29,6 +29,8 @@ from .quantize import QUANTIZATIONS
 from .tracking import TRACKERS, missing_package
 
 ALGORITHMS = ("ppo", "rloo", "grpo")
+GRPO_SCALES = ("group", "batch", "none")  # trl GRPOConfig.scale_rewards
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")  # trl GRPOConfig.loss_type (its dapo is bnpo without accumulation)
 KL_ESTIMATORS = ("kl", "abs", "mse", "full")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 QUANTIZATION_CHOICES = ("auto", *QUANTIZATIONS)  # auto: int8, or none with --no-int8
@@ -116,10 +118,19 @@ class AlgorithmConfig:
     group_size: int = 0
     """Responses sampled per prompt, K >= 0: each step takes --batch-size / K prompts, K copies each, side by side
     in the batch. 0 = auto: 1 for ppo, 4 for rloo and grpo (which need K >= 2)."""
-
+    scale_rewards: str = "group"
+    """GRPO only: what divides a score's distance to its group's mean (trl's GRPOConfig.scale_rewards), one of:
+    group (the group's std, DeepSeekMath), batch (the std of the whole batch's scores), none (nothing: Dr. GRPO,
+    Liu et al. 2025, for whom the group std over-weights prompts whose samples barely differ)."""
+    loss_type: str = "grpo"
+    """GRPO only: how its per-token losses are averaged (trl's GRPOConfig.loss_type), one of: grpo (over each
+    response's tokens, then over the responses: DeepSeekMath), bnpo (over all response tokens of the minibatch),
+    dr_grpo (summed per response, divided by --max-new-tokens: Dr. GRPO; no length bias)."""
     def validate(self) -> None:
         _check(self.algorithm in ALGORITHMS, "algorithm", self.algorithm, "one of " + ", ".join(ALGORITHMS))
         _check(self.group_size >= 0, "group_size", self.group_size, ">= 0")
+        _check(self.scale_rewards in GRPO_SCALES, "scale_rewards", self.scale_rewards, "one of " + ", ".join(GRPO_SCALES))
+        _check(self.loss_type in GRPO_LOSS_TYPES, "loss_type", self.loss_type, "one of " + ", ".join(GRPO_LOSS_TYPES))
         if self.algorithm != "ppo" and self.group_size == 1:
             raise UsageError(f"--group-size 1 with --algorithm {self.algorithm}: its baseline is the other samples "
                              "of the same prompt, so it needs K >= 2")
@@ -404,10 +415,14 @@ class TrainConfig:
     def check_algorithm(self) -> None:
         """Relations of --algorithm and --group-size to the other sections: the batch holds whole groups, and
         rloo / grpo refuse every PPO-only flag set away from its default (they have no critic, no GAE, no
-        per-token KL reward: the flag would silently do nothing)."""
+        per-token KL reward: the flag would silently do nothing), and ppo / rloo every GRPO-only one."""
         name, K, B = self.algorithm.algorithm, self.algorithm.group(), self.ppo.batch_size
         if B % K:
             raise UsageError(f"--batch-size {B} is not divisible by --group-size {K} (each prompt gets K responses)")
+        for key in GRPO_ONLY:
+            if name != "grpo" and getattr(self.algorithm, key) != getattr(AlgorithmConfig(), key):
+                raise UsageError(f"{flag(key)} is a GRPO flag ({GRPO_ONLY[key]}), unused by --algorithm {name}: "
+                                 "drop it or use --algorithm grpo")
         if name == "ppo":
             return
         defaults = {**dataclasses.asdict(PPOConfig()), **dataclasses.asdict(ShapingConfig())}
@@ -448,6 +463,10 @@ PPO_ONLY = {"gamma": "GAE", "lam": "GAE", "vf_coef": "the value loss", "cliprang
             "ratio_threshold": "trl PPOTrainer's minibatch skip", "early_stop_kl": "trl PPOTrainer's early stop",
             "use_score_scaling": "reward shaping", "use_score_norm": "reward shaping", "score_clip": "reward shaping",
             "whiten_rewards": "reward shaping"}
+
+
+# The flags only grpo reads, and what of it each one tunes.
+GRPO_ONLY = {"scale_rewards": "its advantages' scale", "loss_type": "how its per-token losses are averaged"}
 
 
 def _check(ok: bool, name: str, value, domain: str) -> None:

@@ -291,7 +291,7 @@ class PPOTrainer:
         elif algorithm == "rloo":
             batch.rlhf_reward, batch.advantages = rloo_advantages(batch.scores, batch.non_score, batch.mask, self.K)
         else:
-            batch.advantages = grpo_advantages(batch.scores, self.K)
+            batch.advantages = grpo_advantages(batch.scores, self.K, scale=self.algorithm.scale_rewards)
         return batch
 
     # ---------------------------------------------------------------- update
@@ -339,7 +339,8 @@ class PPOTrainer:
         if algorithm == "rloo":
             loss, stats = rloo_loss(old, logprobs, mask, advantages, ppo.cliprange)
         else:
-            loss, stats = grpo_loss(old, logprobs, batch.ref_logprobs[rows], mask, advantages, ppo.cliprange, kl_coef)
+            loss, stats = grpo_loss(old, logprobs, batch.ref_logprobs[rows], mask, advantages, ppo.cliprange, kl_coef,
+                                    self.algorithm.loss_type, self.sampling.max_new_tokens)
         stats["policy/entropy"] = masked_mean(entropy, mask).detach()
         return loss, stats
 

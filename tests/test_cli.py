@@ -102,6 +102,13 @@ BAD = {
                     "is the other samples of the same prompt, so it needs K >= 2"),
                    (["--algorithm", "grpo", "--group-size", "1"], "--group-size 1 with --algorithm grpo"),
                    (["3"], "--batch-size 8 is not divisible by --group-size 3")],
+    "scale_rewards": [(["--algorithm", "grpo", "--scale-rewards", "std"],
+                       "--scale-rewards must be one of group, batch, none, got 'std'"),
+                      (["none"], "--scale-rewards is a GRPO flag (its advantages' scale), unused by --algorithm rloo: "
+                       "drop it or use --algorithm grpo")],
+    "loss_type": [(["--algorithm", "grpo", "--loss-type", "dapo"], "--loss-type must be one of grpo, bnpo, dr_grpo"),
+                  (["--algorithm", "ppo", "--loss-type", "dr_grpo"],
+                   "--loss-type is a GRPO flag (how its per-token losses are averaged), unused by --algorithm ppo")],
     "score_clip": [(["-1"], "--score-clip must be >= 0, got -1.0"),
                    (["--algorithm", "grpo", "--score-clip", "2"], "--score-clip is a PPO flag (reward shaping)")],
     "use_score_scaling": [(["--algorithm", "rloo", "--use-score-scaling"],
@@ -180,6 +187,19 @@ def test_a_tracker_that_is_not_installed_is_refused_up_front(tiny, tmp_path, cap
     assert err.strip() == ("train.py: error: --log-with wandb: the wandb package is not installed "
                            "(pip install 'minirlhf[wandb]')"), err
     assert not (tmp_path / "run").exists()
+
+
+def test_every_grpo_only_flag_is_refused_by_ppo_and_rloo():
+    """Each flag of options.GRPO_ONLY, set away from its default, is one line with ppo and rloo, fine with grpo."""
+    from minirlhf.options import GRPO_ONLY
+
+    other = {"scale_rewards": "none", "loss_type": "dr_grpo"}
+    assert set(other) == set(GRPO_ONLY)
+    for name, value in other.items():
+        TrainConfig.from_flags(algorithm="grpo", **{name: value}).check_algorithm()
+        for algorithm in ("ppo", "rloo"):
+            with pytest.raises(UsageError, match=f"^--{name.replace('_', '-')} is a GRPO flag"):
+                TrainConfig.from_flags(algorithm=algorithm, **{name: value}).check_algorithm()
 
 
 def test_every_ppo_only_flag_is_refused_by_rloo_and_grpo():

@@ -128,8 +128,12 @@ def test_two_processes_equal_one_process(workdir, monkeypatch):
                                    rtol=0, atol=2e-5)
 
 
-def test_rloo_two_processes_equal_one_process(workdir, monkeypatch):
-    """--algorithm rloo, K = 4, batch 12: rank 0 holds rows 0-5, so the second prompt's group straddles the ranks.
+@pytest.mark.parametrize("group", [{"algorithm": "rloo"},
+                                   {"algorithm": "grpo", "scale_rewards": "batch", "loss_type": "bnpo"}],
+                         ids=["rloo", "grpo-batch-bnpo"])
+def test_group_baselines_two_processes_equal_one_process(workdir, monkeypatch, group):
+    """--algorithm rloo (and grpo, with the batch's std and bnpo's token count, both of the whole batch),
+    K = 4, batch 12: rank 0 holds rows 0-5, so the second prompt's group straddles the ranks.
     The advantages are computed on the gathered batch (group_baselines.py), so 2 processes equal 1: the same
     adapters (tolerance as above), statistics and no value head, after one step (a rollout, the gathered
     advantages and 6 minibatch updates with the ranks' gradients summed)."""
@@ -140,17 +144,18 @@ def test_rloo_two_processes_equal_one_process(workdir, monkeypatch):
     # outputs are bit-identical at any row or thread count), 6.6e-3 by step 3. Something discrete is crossed
     # there (an int8 code at a rounding tie, a clipped ratio: RLOO's ratio is exp of a sum over a sequence, ~1.6
     # within a step on this tiny peaked model, clipfrac 0.2-0.5); we have not traced which.
-    settings = {**SETTINGS, "batch_size": 12, "algorithm": "rloo", "group_size": 4, "lr": 2e-3}
+    settings = {**SETTINGS, "batch_size": 12, "group_size": 4, "lr": 2e-3, **group}
+    name = group["algorithm"]
     run(TrainConfig.from_flags(model="model", prompts="prompts.txt", reward="toyreward:score", steps=1,
-                               out=str(workdir / "rloo1"), **settings), progress=False)
-    result = torchrun(workdir, "--reward", "toyreward:score", *flags(settings), "--steps", "1", "--out", "rloo2")
+                               out=str(workdir / f"{name}1"), **settings), progress=False)
+    result = torchrun(workdir, "--reward", "toyreward:score", *flags(settings), "--steps", "1", "--out", f"{name}2")
     assert result.returncode == 0, result.stderr[-3000:]
-    one, two = (load_file(workdir / f / "adapter/adapter_model.safetensors") for f in ("rloo1", "rloo2"))
+    one, two = (load_file(workdir / f / "adapter/adapter_model.safetensors") for f in (f"{name}1", f"{name}2"))
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=0, atol=2e-5, msg=key)
     assert max(v.abs().max().item() for k, v in one.items() if "lora_B" in k) > 5e-3  # it trained (B starts at 0)
-    assert not (workdir / "rloo2" / "value_head.safetensors").exists()
-    assert_same_metrics(metrics(workdir / "rloo1"), metrics(workdir / "rloo2"), steps=1)
+    assert not (workdir / f"{name}2" / "value_head.safetensors").exists()
+    assert_same_metrics(metrics(workdir / f"{name}1"), metrics(workdir / f"{name}2"), steps=1)
 
 
 def assert_same_metrics(a, b, steps=3):

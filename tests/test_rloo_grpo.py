@@ -110,21 +110,28 @@ def test_rloo_equals_trl_rlootrainer(n, K):
     assert torch.allclose(ours_adv.view(n, K).sum(1), torch.zeros(n), atol=1e-5)
 
 
-def paper_grpo(d, K, beta, eps_clip, eps_std):
+def paper_grpo(d, K, beta, eps_clip, eps_std, scale="group", loss_type="grpo", L=None):
     """DeepSeekMath eq. (3) with outcome supervision (4.1.2): A_i = (r_i - mean(r)) / std(r) for every token of
     o_i, J = 1/G sum_i 1/|o_i| sum_t {min(ratio A, clip(ratio) A) - beta D_KL}, D_KL = pi_ref/pi - log(pi_ref/pi)
-    - 1; the loss is -J, averaged over the groups. Written with python loops, one token at a time."""
+    - 1; the loss is -J, averaged over the groups. Written with python loops, one token at a time.
+    With Dr. GRPO's and trl's variants: scale "batch" divides by the std of all B scores, "none" by nothing
+    (Liu et al. 2025, eq. 3: A_i = r_i - mean(r)); loss_type "dr_grpo" replaces 1/|o_i| by 1/L, "bnpo" averages
+    over every response token of the batch."""
     B, N = d["mask"].shape
-    total, advantages = 0.0, []
     n = B // K
+    every = [d["scores"][row].item() for row in range(B)]
+    batch_mean = sum(every) / B
+    batch_std = math.sqrt(sum((x - batch_mean) ** 2 for x in every) / (B - 1))
+    tokens = sum(int(d["mask"][row].sum().item()) for row in range(B))
+    total, advantages = 0.0, []
     for j in range(n):
-        r = [d["scores"][j * K + i].item() for i in range(K)]
+        r = every[j * K:(j + 1) * K]
         mean = sum(r) / K
         std = math.sqrt(sum((x - mean) ** 2 for x in r) / (K - 1))
-        J = 0.0
+        divisor = {"group": std + eps_std, "batch": batch_std + eps_std, "none": 1.0}[scale]
         for i in range(K):
             row = j * K + i
-            A = (r[i] - mean) / (std + eps_std)
+            A = (r[i] - mean) / divisor
             advantages.append(A)
             length = int(d["mask"][row].sum().item())
             terms = 0.0
@@ -134,9 +141,13 @@ def paper_grpo(d, K, beta, eps_clip, eps_std):
                 clipped = torch.clamp(ratio, 1 - eps_clip, 1 + eps_clip)
                 kl = torch.exp(ref - logp) - (ref - logp) - 1
                 terms = terms + torch.min(ratio * A, clipped * A) - beta * kl
-            J = J + terms / length
-        total = total + J / K
-    return -total / n, torch.tensor(advantages)
+            if loss_type == "grpo":
+                total = total + terms / length / B  # 1/G sum_i 1/|o_i| ..., then the mean over the n groups
+            elif loss_type == "dr_grpo":
+                total = total + terms / L / B
+            else:  # bnpo
+                total = total + terms / tokens
+    return -total, torch.tensor(advantages)
 
 
 @pytest.mark.parametrize("K", [2, 4])
@@ -155,6 +166,29 @@ def test_grpo_equals_the_papers_equations(K):
     assert stats["policy/kl_ref"].item() > 0  # k3 is never negative, and the reference differs here
     # a group whose scores are all equal has nothing to learn from: advantages 0, not nan
     assert grpo_advantages(torch.ones(2 * K), K).abs().max().item() == 0
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+def test_grpo_variants_equal_their_equations(scale, loss_type):
+    """--scale-rewards and --loss-type (trl GRPOConfig's names; Dr. GRPO's unscaled advantages and constant
+    length): advantages, loss and gradient equal the loop transcription, ragged responses included."""
+    K, L = 4, 8  # L: dr_grpo's constant, longer than any response here (N = 6) as --max-new-tokens is
+    d = ragged(3, K, N=6, seed=7)
+    adv = grpo_advantages(d["scores"], K, scale=scale)
+    loss, _ = grpo_loss(d["old"], d["new"], d["ref"], d["mask"], adv, 0.2, 0.04, loss_type, L)
+    expected_loss, expected_adv = paper_grpo(d, K, 0.04, 0.2, 1e-4, scale, loss_type, L)
+    torch.testing.assert_close(adv, expected_adv, rtol=0, atol=1e-6)
+    assert abs(loss.item() - expected_loss.item()) <= 1e-6
+    (grad,) = torch.autograd.grad(loss, d["new"])
+    (expected_grad,) = torch.autograd.grad(expected_loss, d["new"])
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-6)
+    # the three scales differ on these scores, and so do the three averages on these ragged lengths
+    others = [grpo_advantages(d["scores"], K, scale=s) for s in ("group", "batch", "none") if s != scale]
+    assert all((adv - o).abs().max() > 1e-3 for o in others)
+    other_losses = [grpo_loss(d["old"], d["new"], d["ref"], d["mask"], adv, 0.2, 0.04, t, L)[0]
+                    for t in ("grpo", "bnpo", "dr_grpo") if t != loss_type]
+    assert all(abs(loss.item() - o.item()) > 1e-4 for o in other_losses)
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -223,3 +257,21 @@ def test_the_batch_holds_k_adjacent_copies_of_each_prompt(tiny, tmp_path, monkey
     (prompts,) = seen
     assert len(prompts) == 8 and prompts[0:4] == [prompts[0]] * 4 and prompts[4:8] == [prompts[4]] * 4
     assert prompts[0] != prompts[4]  # two different prompts (drawn without replacement)
+
+
+def test_the_grpo_flags_reach_its_advantages_and_loss(tiny, tmp_path, monkeypatch):
+    """--scale-rewards and --loss-type are what the run's advantages and every minibatch's loss use, with
+    --max-new-tokens as dr_grpo's constant."""
+    from minirlhf import trainer as trainer_module
+
+    calls = []
+    advantages, loss = trainer_module.grpo_advantages, trainer_module.grpo_loss
+    monkeypatch.setattr(trainer_module, "grpo_advantages",
+                        lambda scores, K, **kw: calls.append(("advantages", kw)) or advantages(scores, K, **kw))
+    monkeypatch.setattr(trainer_module, "grpo_loss",
+                        lambda *a: calls.append(("loss", a[-2:])) or loss(*a))
+    small_run(tiny, tmp_path / "r", algorithm="grpo", group_size=2, steps=1, scale_rewards="none",
+              loss_type="dr_grpo")
+    assert calls[0] == ("advantages", {"scale": "none"})
+    assert calls[1:] == [("loss", ("dr_grpo", SMALL["max_new_tokens"]))] * 4  # 2 epochs x 2 minibatches
+
