@@ -126,6 +126,7 @@ class AlgorithmConfig:
     """GRPO only: how its per-token losses are averaged (trl's GRPOConfig.loss_type), one of: grpo (over each
     response's tokens, then over the responses: DeepSeekMath), bnpo (over all response tokens of the minibatch),
     dr_grpo (summed per response, divided by --max-new-tokens: Dr. GRPO; no length bias)."""
+
     def validate(self) -> None:
         _check(self.algorithm in ALGORITHMS, "algorithm", self.algorithm, "one of " + ", ".join(ALGORITHMS))
         _check(self.group_size >= 0, "group_size", self.group_size, ">= 0")
