@@ -140,9 +140,11 @@ def test_plan_matches_measured_peak_rss(which, quantization, tmp_path, request, 
     assert plan["total"] - plan["runtime"] == plan["tensors"] and plan["runtime"] > 0  # CPU: a runtime row
     assert abs(planned_tensors - measured_tensors) <= TENSOR_TOL * measured_tensors + TENSOR_NOISE_MB
     assert abs(planned - measured) <= TOTAL_TOL * measured, (planned, measured)
-    if bound:  # the plan at the default bound: an upper bound of the same run (planned 103.8 MB of tensors)
+    if bound:  # the plan at the default bound (84.9 MB of tensors int8, 61.1 MB nf4): a bound of the same run, to
+        # the RSS measurement's noise floor (the heap glibc keeps moves identical runs by 10-20 MB: NF4 measured
+        # 57-66 MB here, above the bound's 61.1 once)
         loose = plan_for(TrainConfig.from_flags(**{**settings, "max_prompt_tokens": bound}))["totals"]["plain"]
-        assert loose["tensors"] / 1e6 >= measured_tensors
+        assert loose["tensors"] / 1e6 + TENSOR_NOISE_MB >= measured_tensors, (loose["tensors"] / 1e6, measured_tensors)
 
 
 @pytest.mark.parametrize("targets, layers, dropout, parallel, quantized, dtype", [
