@@ -15,8 +15,8 @@ curve's at its KL. A setting whose runs sit above the curve on every seed lifts 
 only trades reward for KL. The residuals' standard deviation is the noise one run carries (the evaluation's
 512 prompts alone resolve a share to about +-0.013 at 0.9).
 
-Runs whose KL is under 0.3 (nothing learned) are left out of the fit. A setting is its config.json without
-the seed and the run folder.
+Runs whose KL is under 0.3 (nothing learned) are left out of the fit. A setting is what its config.json sets
+away from train.py's defaults (as this machine resolves them), seed and run folder aside.
 """
 
 import argparse
@@ -28,7 +28,10 @@ from collections import defaultdict
 
 import numpy as np
 
+from minirlhf.options import TrainConfig
+
 SKIP = ("seed", "out", "resume")
+DEFAULTS = TrainConfig().resolved()  # what config.json holds for a run with no flags
 
 
 def load(folder: str) -> dict | None:
@@ -40,7 +43,8 @@ def load(folder: str) -> dict | None:
         s = json.load(f)
     with open(os.path.join(folder, "config.json")) as f:
         flags = json.load(f)
-    setting = " ".join(f"{k}={v}" for k, v in sorted(flags.items()) if k not in SKIP)
+    setting = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(flags.items())
+                       if k not in SKIP and DEFAULTS.get(k) != v) or "(the defaults)"
     return {"name": os.path.basename(os.path.normpath(folder)), "setting": setting, "seed": flags.get("seed"),
             "kl": s["kl_final"], "rm": s["after"]["rm_positive_frac"]}
 
@@ -67,7 +71,8 @@ def main() -> None:
     args = p.parse_args()
     runs = [r for r in map(load, args.folders) if r is not None and r["kl"] >= 0.3]
     if len(runs) < 3:
-        sys.exit(f"kl_curve.py: {len(runs)} finished runs with KL >= 0.3 among the folders; the fit needs 3")
+        print(f"kl_curve.py: {len(runs)} finished runs with KL >= 0.3 among the folders; the fit needs 3", file=sys.stderr)
+        sys.exit(2)
     a, b, sd = fit(runs)
     print(f"{len(runs)} runs: logit(rm_positive_frac) = {a:.3f} + {b:.3f} log(kl_final); residual std {sd:.4f}\n")
     print("| kl_final | " + " | ".join(f"{k:g}" for k in (2, 3, 4, 5, 5.5, 6, 7)) + " |")
@@ -80,7 +85,7 @@ def main() -> None:
         groups = defaultdict(list)
         for r in runs:
             groups[r["setting"]].append(r["residual"])
-        print("\n| mean residual | runs | setting (config.json, without seed and folder) |\n|---:|---:|---|")
+        print("\n| mean residual | runs | setting (config.json's flags away from the defaults) |\n|---:|---:|---|")
         for setting, res in sorted(groups.items(), key=lambda kv: -sum(kv[1]) / len(kv[1])):
             print(f"| {sum(res) / len(res):+.3f} | {len(res)} | `{setting}` |")
 
