@@ -420,18 +420,14 @@ class TrainConfig:
         name, K, B = self.algorithm.algorithm, self.algorithm.group(), self.ppo.batch_size
         if B % K:
             raise UsageError(f"--batch-size {B} is not divisible by --group-size {K} (each prompt gets K responses)")
-        for key in GRPO_ONLY:
-            if name != "grpo" and getattr(self.algorithm, key) != getattr(AlgorithmConfig(), key):
-                raise UsageError(f"{flag(key)} is a GRPO flag ({GRPO_ONLY[key]}), unused by --algorithm {name}: "
-                                 "drop it or use --algorithm grpo")
-        if name == "ppo":
-            return
-        defaults = {**dataclasses.asdict(PPOConfig()), **dataclasses.asdict(ShapingConfig())}
-        values = {**dataclasses.asdict(self.ppo), **dataclasses.asdict(self.shaping)}
-        for key in PPO_ONLY:
-            if values[key] != defaults[key]:
-                raise UsageError(f"{flag(key)} is a PPO flag ({PPO_ONLY[key]}), unused by --algorithm {name}: "
-                                 "drop it or use --algorithm ppo")
+        values, defaults = self.flags(), TrainConfig().flags()
+        for owner, table in (("grpo", GRPO_ONLY), ("ppo", PPO_ONLY)):
+            if name == owner:
+                continue
+            for key, tunes in table.items():
+                if values[key] != defaults[key]:
+                    raise UsageError(f"{flag(key)} is a {owner.upper()} flag ({tunes}), unused by --algorithm {name}: "
+                                     f"drop it or use --algorithm {owner}")
 
     def device(self, present: bool | None = None):
         """(torch.device, float dtype) of the run: devices.py's policy, which also checks --dtype. The device must

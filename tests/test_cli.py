@@ -189,32 +189,26 @@ def test_a_tracker_that_is_not_installed_is_refused_up_front(tiny, tmp_path, cap
     assert not (tmp_path / "run").exists()
 
 
-def test_every_grpo_only_flag_is_refused_by_ppo_and_rloo():
-    """Each flag of options.GRPO_ONLY, set away from its default, is one line with ppo and rloo, fine with grpo."""
-    from minirlhf.options import GRPO_ONLY
-
-    other = {"scale_rewards": "none", "loss_type": "dr_grpo"}
-    assert set(other) == set(GRPO_ONLY)
-    for name, value in other.items():
-        TrainConfig.from_flags(algorithm="grpo", **{name: value}).check_algorithm()
-        for algorithm in ("ppo", "rloo"):
-            with pytest.raises(UsageError, match=f"^--{name.replace('_', '-')} is a GRPO flag"):
-                TrainConfig.from_flags(algorithm=algorithm, **{name: value}).check_algorithm()
+# A value away from the default for every flag only one algorithm reads (options.PPO_ONLY, options.GRPO_ONLY)
+AWAY = {"ppo": {"gamma": 0.9, "lam": 0.9, "vf_coef": 0.2, "cliprange_value": 0.3, "kl_estimator": "abs",
+                "ratio_threshold": 5.0, "early_stop_kl": 0.1, "use_score_scaling": True, "use_score_norm": True,
+                "score_clip": 2.0, "whiten_rewards": True},
+        "grpo": {"scale_rewards": "none", "loss_type": "dr_grpo"}}
 
 
-def test_every_ppo_only_flag_is_refused_by_rloo_and_grpo():
-    """Each flag of options.PPO_ONLY, set away from its default, is one line with rloo and grpo, fine with ppo."""
-    from minirlhf.options import PPO_ONLY
+@pytest.mark.parametrize("owner", ["ppo", "grpo"])
+def test_every_single_algorithm_flag_is_refused_by_the_others(owner):
+    """Each flag of options.PPO_ONLY (GRPO_ONLY), set away from its default, is one line with the other two
+    algorithms, fine with ppo (grpo)."""
+    from minirlhf.options import GRPO_ONLY, PPO_ONLY
 
-    other = {"gamma": 0.9, "lam": 0.9, "vf_coef": 0.2, "cliprange_value": 0.3, "kl_estimator": "abs",
-             "ratio_threshold": 5.0, "early_stop_kl": 0.1, "use_score_scaling": True, "use_score_norm": True,
-             "score_clip": 2.0, "whiten_rewards": True}
-    assert set(other) == set(PPO_ONLY)
+    other = AWAY[owner]
+    assert set(other) == set({"ppo": PPO_ONLY, "grpo": GRPO_ONLY}[owner])
     for name, value in other.items():
         extra = {"use_score_scaling": True} if name == "use_score_norm" else {}
-        TrainConfig.from_flags(algorithm="ppo", **{name: value}, **extra).check_algorithm()
-        for algorithm in ("rloo", "grpo"):
-            with pytest.raises(UsageError, match=f"^--{name.replace('_', '-')} is a PPO flag"):
+        TrainConfig.from_flags(algorithm=owner, **{name: value}, **extra).check_algorithm()
+        for algorithm in {"ppo", "rloo", "grpo"} - {owner}:
+            with pytest.raises(UsageError, match=f"^--{name.replace('_', '-')} is a {owner.upper()} flag"):
                 TrainConfig.from_flags(algorithm=algorithm, **{name: value}).check_algorithm()
 
 
