@@ -31,11 +31,12 @@ import numpy as np
 from minirlhf.options import TrainConfig
 
 SKIP = ("seed", "out", "resume")
+KLS = (2, 3, 4, 5, 5.5, 6, 7)  # where the curve is printed
 DEFAULTS = TrainConfig().resolved()  # what config.json holds for a run with no flags
 
 
 def load(folder: str) -> dict | None:
-    """(name, setting, kl, rm) of a finished run folder, or None if it has no summary.json."""
+    """{name, setting, seed, kl, rm} of a finished run folder, or None if it has no summary.json."""
     summary = os.path.join(folder, "summary.json")
     if not os.path.isfile(summary):
         return None
@@ -75,9 +76,9 @@ def main() -> None:
         sys.exit(2)
     a, b, sd = fit(runs)
     print(f"{len(runs)} runs: logit(rm_positive_frac) = {a:.3f} + {b:.3f} log(kl_final); residual std {sd:.4f}\n")
-    print("| kl_final | " + " | ".join(f"{k:g}" for k in (2, 3, 4, 5, 5.5, 6, 7)) + " |")
-    print("|---|" + "---:|" * 7)
-    print("| curve's rm_positive_frac | " + " | ".join(f"{curve(a, b, k):.3f}" for k in (2, 3, 4, 5, 5.5, 6, 7)) + " |\n")
+    print("| kl_final | " + " | ".join(f"{k:g}" for k in KLS) + " |")
+    print("|---|" + "---:|" * len(KLS))
+    print("| curve's rm_positive_frac | " + " | ".join(f"{curve(a, b, k):.3f}" for k in KLS) + " |\n")
     print("| run | seed | kl_final | rm_positive_frac | residual |\n|---|---:|---:|---:|---:|")
     for r in sorted(runs, key=lambda r: -r["residual"]):
         print(f"| {r['name']} | {r['seed']} | {r['kl']:.2f} | {r['rm']:.3f} | {r['residual']:+.3f} |")
